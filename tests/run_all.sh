@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The project's whole test suite: repository checks + pytest over tests/ + nbdev_test over nbs/.
+# README's test command and .ci/run both call this script.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export MPLBACKEND=Agg HF_HUB_OFFLINE=1 PYTHONHASHSEED=0 TOKENIZERS_PARALLELISM=false
+start=$(date +%s)
+echo "== nbdev_test over nbs/ (IN_TEST=1: every notebook runs its ci-sized path)"
+(cd nbs && nbdev_test --n_workers 2 --timing)
+echo "== pytest over tests/ ($(( $(date +%s) - start )) s so far)"
+python -m pytest tests -p no:cacheprovider --timeout 1200 -q -rs --durations=15
+echo "== all tests passed in $(( $(date +%s) - start )) s"

@@ -10,10 +10,10 @@ from typing import Any, Iterator
 import numpy as np
 
 # %% auto #0
-__all__ = ['VAAR_CLASSES', 'STYLE', 'AvarError', 'ConfigError', 'WeightsError', 'DataError', 'DecodeError', 'project_root',
-           'project_path', 'atomic_write', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
-           'sha256_file', 'sha256_bytes', 'seed_everything', 'auto_device', 'in_test', 'hf_offline', 'git_commit',
-           'set_style', 'save_figure', 'save_table']
+__all__ = ['VAAR_CLASSES', 'STYLE', 'AvarError', 'ConfigError', 'WeightsError', 'DataError', 'DecodeError', 'in_test',
+           'project_root', 'project_path', 'atomic_write', 'atomic_write_bytes', 'atomic_write_text',
+           'atomic_write_json', 'sha256_file', 'sha256_bytes', 'seed_everything', 'auto_device', 'hf_offline',
+           'git_commit', 'set_style', 'save_figure', 'save_table']
 
 # %% ../nbs/00_core.ipynb #cell-6
 VAAR_CLASSES: list[str] = ["Abuse", "Baby cry", "Crash", "Brawling", "Explosion",
@@ -38,7 +38,12 @@ class DecodeError(AvarError):
         self.path, self.reason = str(path), str(reason)
         super().__init__(f"{self.path}: {self.reason}")
 
-# %% ../nbs/00_core.ipynb #cell-12
+# %% ../nbs/00_core.ipynb #cell-11
+def in_test() -> bool:
+    "True under `nbdev_test` (which sets `IN_TEST=1`) or when `AVAR_IN_TEST` is set."
+    return bool(os.environ.get("IN_TEST") or os.environ.get("AVAR_IN_TEST"))
+
+# %% ../nbs/00_core.ipynb #cell-13
 _PATH_ENV = {"figures": "AVAR_FIGURES_DIR", "data": "AVAR_DATA_DIR", "runs": "AVAR_RUNS_DIR"}
 
 def project_root() -> Path:
@@ -50,12 +55,16 @@ def project_root() -> Path:
     return Path.cwd().resolve()
 
 def project_path(kind: str) -> Path:
-    "Folder for `kind` in ('figures', 'data', 'runs'), honouring `AVAR_<KIND>_DIR`."
+    """Folder for `kind` in ('figures', 'data', 'runs'), honouring `AVAR_<KIND>_DIR`.
+    Under tests (`in_test()`) the default goes to a temporary folder, so running the tests never rewrites the
+    committed `figures/`."""
     if kind not in _PATH_ENV: raise ConfigError(f"unknown project path kind {kind!r}; expected one of {sorted(_PATH_ENV)}")
     env = os.environ.get(_PATH_ENV[kind])
-    return Path(env) if env else project_root() / kind
+    if env: return Path(env)
+    if in_test(): return Path(tempfile.gettempdir()) / "avar_net_test" / kind
+    return project_root() / kind
 
-# %% ../nbs/00_core.ipynb #cell-15
+# %% ../nbs/00_core.ipynb #cell-16
 @contextlib.contextmanager
 def atomic_write(path, mode: str = "wb") -> Iterator[io.IOBase]:
     "Context manager yielding a file object; on success the content replaces `path` atomically."
@@ -88,7 +97,7 @@ def _json_default(o):
     if isinstance(o, np.ndarray): return o.tolist()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
-# %% ../nbs/00_core.ipynb #cell-18
+# %% ../nbs/00_core.ipynb #cell-19
 def sha256_file(path, chunk: int = 1 << 20) -> str:
     "Hex sha256 of a file, read in chunks."
     h = hashlib.sha256()
@@ -98,7 +107,7 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
 
 def sha256_bytes(data: bytes) -> str: return hashlib.sha256(data).hexdigest()
 
-# %% ../nbs/00_core.ipynb #cell-21
+# %% ../nbs/00_core.ipynb #cell-22
 def seed_everything(seed: int) -> None:
     "Seed python, numpy and torch (all devices)."
     import torch
@@ -111,10 +120,6 @@ def auto_device(pref: str = "auto"):
     if torch.cuda.is_available(): return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(): return torch.device("mps")
     return torch.device("cpu")
-
-def in_test() -> bool:
-    "True under `nbdev_test` (which sets `IN_TEST=1`) or when `AVAR_IN_TEST` is set."
-    return bool(os.environ.get("IN_TEST") or os.environ.get("AVAR_IN_TEST"))
 
 def hf_offline() -> None:
     "Forbid Hugging Face hub network calls unless the user explicitly set `HF_HUB_OFFLINE` (call before importing transformers)."
@@ -130,7 +135,7 @@ def git_commit(root=None) -> str:
         return c.stdout.strip() + ("-dirty" if d.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError): return "unknown"
 
-# %% ../nbs/00_core.ipynb #cell-24
+# %% ../nbs/00_core.ipynb #cell-25
 STYLE = {"figure.dpi": 100, "savefig.dpi": 110, "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9,
          "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
          "legend.frameon": False, "image.cmap": "viridis", "svg.hashsalt": "avar_net"}

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import os, re, json, time, shutil, contextlib
 from pathlib import Path
+import nbformat
 import avar_net
 from .core import (AvarError, ConfigError, project_root, project_path, sha256_file, atomic_write_json,
                            atomic_write_text, git_commit, in_test)

@@ -67,12 +67,12 @@ def make_test_media(path, *, duration_s: float = 2.0, fps=25, size=(64, 48), vco
                     channel_gains: Sequence[float] | None = None, waveform: np.ndarray | None = None,
                     audio_start_s: float = 0.0,
                     audio_duration_s: float | None = None, frame_times: Sequence[float] | None = None,
-                    rotation: int | None = None, rotate_tag: int | None = None, video: bool = True,
+                    rotation: int | None = None, rotate_tag: int | None = None, gop: int | None = None, video: bool = True,
                     format: str | None = None, faststart: bool = False) -> Path:
     """Write a small media file with known content (frame index stripes, a tone) using PyAV; returns its path.
     `size` is (width, height); `fps` may be a `Fraction`; `frame_times` (seconds) makes a variable-frame-rate stream;
     `rotation` sets the display matrix (degrees counter-clockwise), `rotate_tag` the legacy `rotate` tag;
-    `waveform` (n,) or (channels, n) floats replaces the tone."""
+    `waveform` (n,) or (channels, n) floats replaces the tone; `gop` sets the keyframe interval."""
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     w, h = size
     opts = {"movflags": "faststart"} if faststart else {}
@@ -88,6 +88,7 @@ def make_test_media(path, *, duration_s: float = 2.0, fps=25, size=(64, 48), vco
                                                                 "mpeg2video") else vs.codec_context.codec.video_formats[0].name)
             if vcodec not in ("h264", "libx264"): vs.bit_rate = 4_000_000        # keep the flat stripes readable
             if frame_times is not None: vs.codec_context.time_base = Fraction(1, 1000)
+            if gop is not None: vs.codec_context.gop_size = gop
             if rotation is not None: vs.set_display_rotation(rotation)
             if rotate_tag is not None: vs.metadata["rotate"] = str(rotate_tag)
         if acodec:
@@ -166,7 +167,6 @@ class DecodeReport:
     def _warn(self, msg: str) -> None:
         msg = f"{self.path}: {self.stream}: {msg}"
         self.messages.append(msg)
-        log.warning(msg)
         warnings.warn(msg, DecodeWarning, stacklevel=3)
 
 class _Budget:
@@ -194,7 +194,7 @@ def _open(path, budget: _Budget | None = None):
     if p.stat().st_size == 0: raise DecodeError(p, "empty file (0 bytes)")
     t = budget.remaining() if budget is not None else None
     try:
-        return av.open(str(p), "r", timeout=(t, t) if t else None)
+        return av.open(str(p), "r", timeout=(t, t) if t else None, metadata_errors="replace")
     except _AV_ERRORS as e:
         if budget is not None: budget.check()
         raise DecodeError(p, f"not a media file FFmpeg can read ({_reason(e)})") from e
@@ -262,6 +262,7 @@ def _scan_end(path, index: int, budget: _Budget) -> float | None:
                     end = e if end is None else max(end, e)
         except _AV_ERRORS: pass
         if end is None and n and rate: end = (_secs(s, s.start_time) or 0.0) + n / rate
+        if n == 0: end = _secs(s, s.start_time) or 0.0                  # no packets at all: zero duration
     return end
 
 def _timeline(c, s, path, budget: _Budget) -> tuple[float, float]:
@@ -413,9 +414,11 @@ def iter_video_frames(path, fps: float, size: int | None, *, start_s: float = 0.
         prev = prev_x = None; prev_t = prev_end = None
         t_k = target(k)
 
+        n_out = 0
         def emit(frame, cache):
+            nonlocal n_out
             if cache is None: cache = _to_tensor(frame, size, tag_rot, path)
-            times.append(t_k); xs.append(cache)
+            times.append(t_k); xs.append(cache); n_out += 1
             return cache
 
         def flush():
@@ -424,14 +427,21 @@ def iter_video_frames(path, fps: float, size: int | None, *, start_s: float = 0.
             return out
 
         done = False
+        n_int = n_cfr = 0                       # inter-frame intervals seen / those equal to the nominal interval
+        gaps: list[tuple[float, float]] = []    # (start, length) of holes not explained by the stream's timing
         for frame in _decode_frames(c, vs, rep, budget):
             t = frame.time
             t = (prev_t + nominal if prev_t is not None else 0.0) if t is None else float(t) - origin
             if prev_t is not None and t <= prev_t: continue                  # duplicate / non-monotonic timestamp
+            gap = t - (prev_end if prev_end is not None else start)
             if rep._pending:                                                 # a hole caused by errors
-                gap = t - (prev_end if prev_end is not None else start)
-                if gap > 0: rep.lost_s += gap
+                if gap > 0: rep.lost_s += gap; gaps.append((t - gap, gap))
                 rep._pending = False
+            elif prev_t is not None:
+                # a constant-frame-rate stream with a hole and no error: the demuxer skipped damaged data
+                if n_int >= 5 and n_cfr >= 0.9 * n_int and gap > max(2 * nominal, 0.1):
+                    rep.lost_s += gap; gaps.append((t - gap, gap))
+                n_int += 1; n_cfr += abs((t - prev_t) - nominal) <= 0.15 * nominal
             cur_x = None
             while t_k < end and t_k < t:
                 if prev is None: cur_x = emit(frame, cur_x)                  # stream starts late: first frame
@@ -446,11 +456,13 @@ def iter_video_frames(path, fps: float, size: int | None, *, start_s: float = 0.
         if prev is None:
             raise DecodeError(path, "no decodable video frame" + (f" ({rep.errors} unreadable packets)" if rep.errors else ""))
         if not done:                                                         # end of stream before `end`
-            tol = max(0.5, 3 * nominal)
+            tol = max(0.1, 2 * nominal)
             short, stop = end - prev_end, end
             if short > tol:                                                  # truncated: stop at the last frame
                 rep.lost_s += short; rep.usable_until_s = stop = prev_end
             elif rep._pending and short > 0: rep.lost_s += short             # errors at the very end
+            if n_out == 0 and t_k >= stop and start <= 0:                    # keep one frame of a truncated clip
+                single, t_k = True, stop / 2
             while t_k < stop:
                 prev_x = emit(prev, prev_x)
                 k += 1; t_k = target(k) if not single else end
@@ -461,8 +473,13 @@ def iter_video_frames(path, fps: float, size: int | None, *, start_s: float = 0.
             what = []
             if rep.errors: what.append(f"{rep.errors} unreadable packets")
             if rep.corrupt: what.append(f"{rep.corrupt} corrupt frames")
+            if gaps:
+                g0 = max(gaps, key=lambda g: g[1])
+                what.append(f"{len(gaps)} hole(s) without frames (largest {g0[1]:.2f} s at {g0[0]:.2f} s, last good frame held)")
             what.append(f"{rep.lost_s:.2f} s of {duration:.2f} s lost")
-            if rep.usable_until_s is not None: what.append(f"frames stop at {rep.usable_until_s:.2f} s")
+            if rep.usable_until_s is not None:
+                why = "" if _stream_end(c, vs) is not None else " (end taken from the container; the video stream may just be shorter than another stream)"
+                what.append(f"frames stop at {rep.usable_until_s:.2f} s{why}")
             rep._warn(", ".join(what))
     except DecodeError: raise
     except MemoryError as e: raise DecodeError(path, "out of memory while decoding video") from e
@@ -568,7 +585,7 @@ def decode_audio(path, sr: int = 16000, duration_s: float | None = None, *, time
             start = pos if t is None else int(round((float(t) - origin) * orig))
             if start > pos + tol:                                       # a hole: silence, never a shift
                 gap = min(start, total) - pos
-                if rep._pending: rep.lost_s += gap / orig
+                if rep._pending or (pos > 0 and gap > 0.05 * orig): rep.lost_s += gap / orig   # not a late start
                 while gap > 0:
                     z = min(gap, 1 << 20); res.push(np.zeros(z, np.float32)); gap -= z; pos += z
             elif start < pos - tol:                                     # overlap or before time 0: drop the overlap
@@ -582,7 +599,7 @@ def decode_audio(path, sr: int = 16000, duration_s: float | None = None, *, time
             rep._warn(f"{rep.errors} unreadable packets, no audio decoded: treated as no audio track ({dur:.2f} s lost)")
             return np.zeros(n_out, np.float32), False
         expect = total if declared_end is None else min(total, int(round((declared_end - origin) * orig)))
-        if expect - pos > max(int(0.5 * orig), 0) or (rep.errors and expect > pos):
+        if (declared_end is not None and expect - pos > 0.1 * orig) or (rep.errors and expect > pos):
             rep.lost_s += max(0, expect - pos) / orig
             rep.usable_until_s = pos / orig
         while pos < total:

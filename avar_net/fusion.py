@@ -4,6 +4,7 @@
 
 # %% ../nbs/06_fusion.ipynb #cell-3
 from __future__ import annotations
+import math
 import torch
 from torch import nn
 from .core import ConfigError, DataError
@@ -32,7 +33,8 @@ def check_inputs(audio: torch.Tensor, video: torch.Tensor, mask: torch.Tensor | 
 
 # %% ../nbs/06_fusion.ipynb #cell-9
 def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return x * mask.unsqueeze(-1).to(x.dtype)
+    "Zero the padded steps (with `where`, so even NaN/Inf in padding cannot survive)."
+    return torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 class EarlyFusion(nn.Module):
     "Per-modality LayerNorm (ours), concatenation, optional Linear to `proj_dim`: `(B,T,Da),(B,T,Dv),mask -> (B,T,D)`."
@@ -104,7 +106,7 @@ class LateFusion(nn.Module):
     @staticmethod
     def combine(logits_a: torch.Tensor, logits_v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         "Logits `(..., B, T, C)` whose softmax is the mean of the two models' probabilities; zero on padded steps."
-        lp = torch.stack([logits_a.log_softmax(-1), logits_v.log_softmax(-1)]).logsumexp(0) - torch.log(torch.tensor(2.0))
+        lp = torch.stack([logits_a.log_softmax(-1), logits_v.log_softmax(-1)]).logsumexp(0) - math.log(2.0)
         return _masked(lp, mask)
 
 # %% ../nbs/06_fusion.ipynb #cell-23

@@ -53,13 +53,17 @@ class MTCN(nn.Module):
 
     def forward(self, x, mask=None):
         mask = check_sequence(x, mask)
-        x, m = x.transpose(1, 2), mask.to(x.dtype).unsqueeze(1)      # (B, D, T), (B, 1, T)
+        x, m = _zero_pad(x, mask).transpose(1, 2), mask.to(x.dtype).unsqueeze(1)      # (B, D, T), (B, 1, T)
         out = self.stage1(x, m)
         outputs = [out]
         for s in self.stages:
             out = s(F.softmax(out, dim=1) * m, m)
             outputs.append(out)
         return torch.stack(outputs).transpose(2, 3)                  # (S, B, T, C)
+
+def _zero_pad(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    "Padded input steps set to zero (`where`: even NaN/Inf there cannot leak; valid steps untouched)."
+    return torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 def check_sequence(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     "Validate `x (B,T,D)` and `mask (B,T)` (all valid when None); every sequence needs at least one valid step."
@@ -132,7 +136,7 @@ def _lengths(mask: torch.Tensor) -> torch.Tensor:
     return lengths
 
 def _out(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (logits * mask.unsqueeze(-1).to(logits.dtype)).unsqueeze(0)
+    return _zero_pad(logits, mask).unsqueeze(0)
 
 class MeanPoolMLP(nn.Module):
     "Per-step MLP without temporal context (ours); the clip head mean-pools its logits. -> `(1,B,T,C)`."
@@ -143,7 +147,7 @@ class MeanPoolMLP(nn.Module):
 
     def forward(self, x, mask=None):
         mask = check_sequence(x, mask)
-        return _out(self.mlp(x), mask)
+        return _out(self.mlp(_zero_pad(x, mask)), mask)
 
 class BiGRUTemporal(nn.Module):
     "Bidirectional GRU on packed (right-padded) sequences, then a linear classifier (ours). -> `(1,B,T,C)`."
@@ -155,7 +159,8 @@ class BiGRUTemporal(nn.Module):
 
     def forward(self, x, mask=None):
         mask = check_sequence(x, mask)
-        packed = nn.utils.rnn.pack_padded_sequence(x, _lengths(mask).cpu(), batch_first=True, enforce_sorted=False)
+        packed = nn.utils.rnn.pack_padded_sequence(_zero_pad(x, mask), _lengths(mask).cpu(), batch_first=True,
+                                                   enforce_sorted=False)
         h, _ = nn.utils.rnn.pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=x.shape[1])
         return _out(self.out(self.dropout(h)), mask)
 
@@ -187,7 +192,7 @@ class TransformerTemporal(nn.Module):
         if self.pos_emb is not None and T > self.max_len:
             raise DataError(f"sequence of {T} steps is longer than the learned positions (max_len={self.max_len})")
         pe = self.pos_emb[:T] if self.pos_emb is not None else sinusoidal_positions(T, self.proj.out_features, x.device)
-        h = self.encoder(self.proj(x) + pe.to(x.dtype), src_key_padding_mask=~mask)
+        h = self.encoder(self.proj(_zero_pad(x, mask)) + pe.to(x.dtype), src_key_padding_mask=~mask)
         return _out(self.out(self.norm(h)), mask)
 
 # %% ../nbs/07_mtcn.ipynb #cell-24

@@ -100,7 +100,8 @@ class AVARNet(nn.Module):
         out = {}
         if self.late:
             a, v = self.fusion(audio, video, mask)
-            br = out["branch_stage_logits"] = {"audio": self.temporal["audio"](a, mask), "video": self.temporal["video"](v, mask)}
+            br = out["branch_stage_logits"] = {"audio": self.temporal["audio"](a, mask),
+                                               "video": self.temporal["video"](v, mask)}
             stage = LateFusion.combine(br["audio"], br["video"], mask)
         else:
             stage = self.temporal(self.fusion(audio, video, mask), mask)
@@ -121,17 +122,22 @@ def loss(self: AVARNet, out: dict, label: torch.Tensor, mask: torch.Tensor | Non
     "Training loss for `out = self(audio, video, mask)` and clip/video labels `(B,)` (see above)."
     stage = out["stage_logits"]
     if mask is None: mask = torch.ones(stage.shape[1:3], dtype=torch.bool, device=stage.device)
-    if label.shape != stage.shape[1:2]: raise DataError(f"labels {tuple(label.shape)} do not match the batch size {stage.shape[1]}")
     C = self.cfg.num_classes
+    if label.shape != stage.shape[1:2]:
+        raise DataError(f"labels {tuple(label.shape)} do not match the batch size {stage.shape[1]}")
+    if label.numel() and (int(label.min()) < 0 or int(label.max()) >= C):
+        raise DataError(f"labels must lie in 0..{C - 1} for task {self.cfg.task!r}, got {sorted(set(label.tolist()))}")
     if class_weights is not None:
         class_weights = torch.as_tensor(class_weights, dtype=stage.dtype, device=stage.device)
-        if class_weights.shape != (C,): raise ConfigError(f"class_weights must have shape ({C},), got {tuple(class_weights.shape)}")
+        if class_weights.shape != (C,):
+            raise ConfigError(f"class_weights must have shape ({C},), got {tuple(class_weights.shape)}")
     fn = clip_loss if self.cfg.task == "clip" else mil_loss
     parts = out["branch_stage_logits"].values() if self.late else [stage]
     return sum(fn(p, label, mask.bool(), self.cfg.smooth_weight, self.cfg.tau, weight=class_weights) for p in parts)
 
 # %% ../nbs/08_model.ipynb #cell-22
 _META_KEYS = ("model_type", "avar_net_version")
+_TRAINING_ONLY = ("dropout", "smooth_weight", "tau")   # may differ from the saved config: they change no tensor
 
 def _fmt(t: torch.Tensor) -> str: return f"{str(t.dtype).replace('torch.', '')} {tuple(t.shape)}"
 
@@ -150,7 +156,8 @@ def save_pretrained(self: AVARNet, save_dir) -> Path:
 
 def _read_config(path: Path) -> AVARNetConfig:
     try: raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e: raise WeightsError(f"{path}: not a readable JSON config ({e})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: not a readable JSON config ({e})") from None
     if not isinstance(raw, dict): raise WeightsError(f"{path}: the config must be a JSON object")
     if raw.get("model_type") != "avar_net":
         raise WeightsError(f"{path}: model_type is {raw.get('model_type')!r}, expected 'avar_net'")
@@ -172,14 +179,16 @@ def from_pretrained(cls: AVARNet, load_dir, device="cpu") -> "AVARNet":
     cfg_path, w_path = d / "config.json", d / "model.safetensors"
     for p in (cfg_path, w_path):
         if not p.is_file():
-            raise WeightsError(f"{p}: missing; a model directory holds config.json and model.safetensors (AVARNet.save_pretrained)")
+            raise WeightsError(f"{p}: missing; a model directory holds config.json and model.safetensors "
+                               "(written by AVARNet.save_pretrained)")
     cfg = _read_config(cfg_path)
     tensors, meta = _read_tensors(w_path)
     if "avar_net_config" in meta:
         try: saved = json.loads(meta["avar_net_config"])
         except json.JSONDecodeError: raise WeightsError(f"{w_path}: corrupt avar_net_config metadata") from None
         if not isinstance(saved, dict): raise WeightsError(f"{w_path}: corrupt avar_net_config metadata")
-        diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if saved.get(k) != v}
+        diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items()
+                if saved.get(k) != v and k not in _TRAINING_ONLY}
         if diff or set(saved) - set(cfg.to_dict()):
             what = ", ".join(f"{k}: {s!r} (tensors) vs {c!r} (config.json)" for k, (s, c) in diff.items()) or "extra keys"
             raise WeightsError(f"{w_path} was saved with a different config than {cfg_path}: {what}")
@@ -188,8 +197,9 @@ def from_pretrained(cls: AVARNet, load_dir, device="cpu") -> "AVARNet":
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         show = lambda xs: f"{xs[:5]}{' …' if len(xs) > 5 else ''} ({len(xs)})"
-        raise WeightsError(f"{w_path} does not match {cfg_path}: " + "; ".join(
-            ([f"missing tensors {show(missing)}"] if missing else []) + ([f"unexpected tensors {show(unexpected)}"] if unexpected else [])))
+        problems = ([f"missing tensors {show(missing)}"] if missing else []) + \
+                   ([f"unexpected tensors {show(unexpected)}"] if unexpected else [])
+        raise WeightsError(f"{w_path} does not match {cfg_path}: " + "; ".join(problems))
     for k, want in expected.items():
         got = tensors[k]
         if got.dtype != want.dtype or got.shape != want.shape:

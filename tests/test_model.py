@@ -172,6 +172,11 @@ def test_forward_errors():
         m(a, v, torch.zeros_like(mask))
     with pytest.raises(DataError, match="labels"):
         m.loss(m(a, v, mask), torch.tensor([0, 1]), mask)
+    with pytest.raises(DataError, match=r"labels must lie in 0..2 for task 'clip', got \[0, 1, 3\]"):
+        m.loss(m(a, v, mask), torch.tensor([0, 1, 3]), mask)
+    xd = AVARNet(cfg_for(task="xd"))
+    with pytest.raises(DataError, match="labels must lie in 0..1 for task 'xd'"):
+        xd.loss(xd(a, v, mask), torch.tensor([0, 1, 2]), mask)
     with pytest.raises(ConfigError, match=r"class_weights must have shape \(3,\)"):
         m.loss(m(a, v, mask), torch.tensor([0, 1, 2]), mask, class_weights=[1.0, 2.0])
 
@@ -262,6 +267,14 @@ def test_tampered_checkpoints_are_refused(ckpt, case, msg):
     elif case == "no_config": (d / "config.json").unlink()
     with pytest.raises(WeightsError, match=msg):
         AVARNet.from_pretrained(d)
+
+
+def test_training_only_fields_may_be_edited(ckpt):
+    "dropout, smooth_weight and tau change no tensor: a config.json edited to fine-tune with other values loads."
+    _edit_config(ckpt, dropout=0.2, smooth_weight=0.5, tau=3.0)
+    m = AVARNet.from_pretrained(ckpt)
+    assert (m.cfg.dropout, m.cfg.smooth_weight, m.cfg.tau) == (0.2, 0.5, 3.0)
+    assert m.temporal.stage1.layers[0].dropout.p == 0.2
 
 
 class _Payload:

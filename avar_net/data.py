@@ -23,7 +23,7 @@ __all__ = ['MAX_DURATION_S', 'MAX_PIXELS', 'log', 'MEDIA_EXTS', 'SPLITS', 'XD_CO
            'xd_is_violent', 'read_xd_list', 'parse_xd_annotations', 'xd_frame_gt', 'read_xd']
 
 # %% ../nbs/01_data.ipynb #cell-6
-_LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "quad", 6: "5.1", 8: "7.1"}
+_LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "quad", 6: "5.1", 8: "7.1", 12: "7.1.4", 16: "hexadecagonal"}
 _INDEX_LEVELS = 16 + 30 * np.arange(8)          # grey levels of the base-8 digits drawn by make_test_media
 
 def _index_image(i: int, h: int, w: int) -> np.ndarray:
@@ -221,6 +221,7 @@ class MediaInfo:
 def _video_stream(c, path):
     vids = [s for s in c.streams.video if not (s.disposition & av.stream.Disposition.attached_pic)]
     if not vids: raise DecodeError(path, "no video stream" + (" (audio only)" if c.streams.audio else ""))
+    if vids[0].codec_context is None: raise DecodeError(path, "no decoder for the video codec")
     return vids[0]
 
 def _audio_stream(c):
@@ -330,13 +331,14 @@ def probe(path, timeout_s: float | None = None) -> MediaInfo:
         rot = _frame_rotation(first, _tag_rotation(vs))
         w, h = (first.width, first.height) if rot in (0, 180) else (first.height, first.width)
         a = _audio_stream(c)
+        ac = a.codec_context if a is not None else None
         rate = vs.average_rate or vs.guessed_rate
         return MediaInfo(path=Path(path), duration_s=dur, has_video=True, has_audio=a is not None,
                          fps=float(rate) if rate else None, width=w, height=h, n_frames=vs.frames or None,
-                         audio_rate=(a.rate or None) if a is not None else None,
-                         audio_channels=a.layout.nb_channels if a is not None else None, rotation=rot,
+                         audio_rate=(ac.sample_rate or None) if ac is not None else None,
+                         audio_channels=(ac.layout.nb_channels or None) if ac is not None else None, rotation=rot,
                          start_s=origin, video_codec=vs.codec_context.name,
-                         audio_codec=a.codec_context.name if a is not None else None)
+                         audio_codec=ac.name if ac is not None else None)
 
 def count_frames(path, timeout_s: float | None = None) -> int:
     "Number of video packets (= frames for every common codec), by demuxing without decoding."
@@ -414,10 +416,14 @@ def iter_video_frames(path, fps: float, size: int | None, *, start_s: float = 0.
         prev = prev_x = None; prev_t = prev_end = None
         t_k = target(k)
 
-        n_out = 0
+        n_out, ref_hw = 0, None
         def emit(frame, cache):
-            nonlocal n_out
-            if cache is None: cache = _to_tensor(frame, size, tag_rot, path)
+            nonlocal n_out, ref_hw
+            if cache is None:
+                cache = _to_tensor(frame, size, tag_rot, path)
+                if ref_hw is None: ref_hw = tuple(cache.shape[1:])
+                elif tuple(cache.shape[1:]) != ref_hw:                       # resolution changed mid-stream (size=None)
+                    cache = F.interpolate(cache[None], size=ref_hw, mode="bilinear", antialias=True, align_corners=False)[0]
             times.append(t_k); xs.append(cache); n_out += 1
             return cache
 
@@ -495,8 +501,28 @@ def decode_video_frames(path, fps: float, size: int | None, **kw) -> tuple[np.nd
     return np.concatenate(ts), torch.cat(xs)
 
 # %% ../nbs/01_data.ipynb #cell-23
-def _to_float_mono(frame) -> np.ndarray:
-    "Decoded audio frame (any sample format, planar or packed) -> float32 mono by channel averaging."
+def _plain_audio(frame) -> bool:
+    "True when the frame's planes are what its layout promises (at most 8 channels, buffers large enough)."
+    ch = frame.layout.nb_channels
+    if not 1 <= ch <= 8: return False                   # PyAV's to_ndarray only handles the first 8 planes safely
+    planes = frame.planes
+    planar = frame.format.is_planar
+    if len(planes) != (ch if planar else 1): return False
+    need = frame.samples * frame.format.bytes * (1 if planar else ch)
+    return all(p.buffer_size >= need for p in planes)
+
+def _to_float_mono(frame, resamplers: dict | None = None) -> np.ndarray:
+    """Decoded audio frame (any sample format, planar or packed) -> float32 mono by channel averaging.
+    Frames with more than 8 channels (or inconsistent planes) are first converted to packed float by FFmpeg."""
+    if not _plain_audio(frame):
+        resamplers = {} if resamplers is None else resamplers
+        key = (frame.format.name, frame.layout.name, frame.sample_rate)
+        if key not in resamplers:
+            resamplers[key] = av.AudioResampler(format="flt", layout=frame.layout, rate=frame.sample_rate)
+        outs = resamplers[key].resample(frame)
+        ch = max(1, frame.layout.nb_channels)
+        a = np.concatenate([o.to_ndarray().reshape(-1) for o in outs]) if outs else np.zeros(0, np.float32)
+        return a[: len(a) // ch * ch].reshape(-1, ch).mean(axis=1, dtype=np.float64).astype(np.float32)
     a = frame.to_ndarray()
     ch = frame.layout.nb_channels or 1
     n = frame.samples
@@ -566,8 +592,12 @@ def decode_audio(path, sr: int = 16000, duration_s: float | None = None, *, time
             dur = float(duration_s)
         n_out = int(round(dur * sr))
         if a_s is None: return np.zeros(n_out, np.float32), False
+        if a_s.codec_context is None:                                    # FFmpeg has no decoder for this codec
+            rep.lost_s = dur; rep._warn(f"no decoder for the audio codec: treated as no audio track ({dur:.2f} s lost)")
+            return np.zeros(n_out, np.float32), False
         a_s.thread_type = "AUTO"
         declared_end = _stream_end(c, a_s)
+        resamplers: dict = {}
         orig = res = None
         pos = total = 0
         for frame in _decode_frames(c, a_s, rep, budget):
@@ -576,7 +606,7 @@ def decode_audio(path, sr: int = 16000, duration_s: float | None = None, *, time
                 orig = int(frame.sample_rate)
                 res, total = StreamResampler(orig, sr), int(round(dur * orig))
                 tol = max(2, int(math.ceil(0.002 * orig)))
-            try: x = _to_float_mono(frame)
+            try: x = _to_float_mono(frame, resamplers)
             except _AV_ERRORS: rep.errors += 1; rep._pending = True; continue
             if frame.sample_rate != orig:
                 import torchaudio.functional as AF
@@ -702,6 +732,7 @@ class Clip:
     grid: TimeGrid
     warnings: list[str] = field(default_factory=list)
     info: MediaInfo | None = None
+    reports: list[DecodeReport] = field(default_factory=list)   # video and audio decode reports
 
 def load_clip(path, step_s: float = 0.25, fps: float = 4.0, size: int | None = 256, sr: int = 16000, *,
               timeout_s: float | None = None) -> Clip:
@@ -714,7 +745,7 @@ def load_clip(path, step_s: float = 0.25, fps: float = 4.0, size: int | None = 2
     ra = DecodeReport(str(path), "audio")
     audio, has_audio = decode_audio(path, sr, dur, timeout_s=budget.remaining(), report=ra)
     return Clip(Path(path), frames, times, audio, sr, has_audio, dur, TimeGrid.for_duration(dur, step_s),
-                rv.messages + ra.messages, info)
+                rv.messages + ra.messages, info, [rv, ra])
 
 # %% ../nbs/01_data.ipynb #cell-39
 MEDIA_EXTS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp")

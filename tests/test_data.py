@@ -206,6 +206,16 @@ def test_odd_and_tiny_frame_sizes(media):
     assert decode_video_frames(one444, 4, None)[1].shape == (1, 3, 1, 1)
 
 
+def test_resolution_change_mid_stream(media, tmp_path):
+    "MPEG-TS segments concatenate byte-wise: 32x24 for 1 s, then 48x32; size=None keeps the first frame's size."
+    a = make_test_media(tmp_path / "a.ts", size=(32, 24), acodec=None, fps=25, frame_times=[i / 25 for i in range(25)])
+    b = make_test_media(tmp_path / "b.ts", size=(48, 32), acodec=None, fps=25, frame_times=[1 + i / 25 for i in range(25)])
+    p = tmp_path / "res.ts"; p.write_bytes(a.read_bytes() + b.read_bytes())
+    t, f = decode_video_frames(p, 4, None)
+    assert f.shape == (8, 3, 24, 32) and indices(f) == [int(x * 25) % 25 for x in t]
+    assert decode_video_frames(p, 4, 16)[1].shape == (8, 3, 16, 16)
+
+
 def test_4k_frame_short_clip(media):
     p = media("uhd.mp4", size=(3840, 2160), duration_s=0.12, fps=25, acodec=None)
     info = probe(p)
@@ -237,6 +247,8 @@ def test_bad_arguments_raise_config_error(media):
     ("six_aac.mkv", dict(acodec="aac", channels=6, channel_gains=[1, .5, 0, 0, 0, .5]), 0.5 * 2 / 6),
     ("six_pcm.mkv", dict(acodec="pcm_s16le", channels=6), 0.5),
     ("stereo_lr.mkv", dict(acodec="pcm_s16le", channels=2, channel_gains=[1, 0]), 0.25),   # mono = channel mean
+    ("twelve.mov", dict(acodec="pcm_s24le", channels=12, channel_gains=[1] + [0] * 11), 0.5 / 12),  # > 8 channels
+    ("sixteen.mkv", dict(acodec="pcm_s16le", channels=16, channel_gains=[0] * 15 + [1]), 0.5 / 16),
 ])
 def test_audio_formats_rates_channels(media, name, kw, amp):
     p = media(name, duration_s=2.0, fps=25, size=(32, 32), **{"vcodec": "h264", **kw})

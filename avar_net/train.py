@@ -607,7 +607,7 @@ def evaluate(run_dir, features_dir, split: str = "test", checkpoint: str = "best
             out["ap"] = out["ap_official"]
     return _json_safe(out)
 
-# %% ../nbs/09_train.ipynb #cell-39
+# %% ../nbs/09_train.ipynb #cell-40
 def write_synthetic_features(out_dir, n_per_class: int = 8, num_classes: int = 10, audio_dim: int = 8, video_dim: int = 12,
                              T: tuple[int, int] = (6, 20), seed: int = 0, splits=(0.6, 0.2, 0.2), noise: float = 1.0,
                              xd: bool = False) -> Path:

@@ -197,6 +197,7 @@ def _open(path, budget: _Budget | None = None):
         return av.open(str(p), "r", timeout=(t, t) if t else None, metadata_errors="replace")
     except _AV_ERRORS as e:
         if budget is not None: budget.check()
+        if isinstance(e, PermissionError): raise DecodeError(p, f"cannot read the file ({_reason(e)})") from e
         raise DecodeError(p, f"not a media file FFmpeg can read ({_reason(e)})") from e
 
 # %% ../nbs/01_data.ipynb #cell-13
@@ -320,7 +321,11 @@ def _decode_frames(c, s, rep: DecodeReport, budget: _Budget, max_consecutive: in
 # %% ../nbs/01_data.ipynb #cell-14
 def probe(path, timeout_s: float | None = None) -> MediaInfo:
     "Read a media file's streams, timeline and displayed size; `DecodeError` when it cannot become a clip."
-    budget = _Budget(path, timeout_s)
+    try: return _probe(path, _Budget(path, timeout_s))
+    except DecodeError: raise
+    except (*_AV_ERRORS, AttributeError) as e: raise DecodeError(path, f"cannot read the stream headers ({_reason(e)})") from e
+
+def _probe(path, budget: _Budget) -> MediaInfo:
     with _open(path, budget) as c:
         vs = _video_stream(c, path)
         origin, dur = _timeline(c, vs, path, budget)
@@ -489,6 +494,7 @@ def iter_video_frames(path, fps: float, size: int | None, *, start_s: float = 0.
             rep._warn(", ".join(what))
     except DecodeError: raise
     except MemoryError as e: raise DecodeError(path, "out of memory while decoding video") from e
+    except _AV_ERRORS as e: raise DecodeError(path, f"video decoding failed ({_reason(e)})") from e
     finally:
         c.close()
 
@@ -643,6 +649,7 @@ def decode_audio(path, sr: int = 16000, duration_s: float | None = None, *, time
         return np.ascontiguousarray(y, dtype=np.float32), True
     except DecodeError: raise
     except MemoryError as e: raise DecodeError(path, "out of memory while decoding audio") from e
+    except _AV_ERRORS as e: raise DecodeError(path, f"audio decoding failed ({_reason(e)})") from e
     finally:
         c.close()
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['TIMM_ARCHS', 'HF_REPOS', 'BACKENDS', 'Preprocess', 'fold_batchnorm', 'load_timm_mobilevit', 'tiny_mobilevit_config',
-           'load_hf_mobilevit', 'VideoExtractor']
+           'init_like_cvnets', 'load_hf_mobilevit', 'VideoExtractor']
 
 # %% ../nbs/04_video.ipynb #cell-6
 _INTERP = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "bilinear", 5: "bilinear"}  # PIL resample codes
@@ -182,6 +182,20 @@ def tiny_mobilevit_config(**kw):
     return MobileViTConfig(**{**dict(image_size=64, hidden_sizes=[64, 80, 96], neck_hidden_sizes=[16, 16, 24, 48, 64, 80, 320],
                                      expand_ratio=2.0), **kw})
 
+def init_like_cvnets(model: nn.Module) -> nn.Module:
+    """Re-initialise like CVNets/timm (convolutions kaiming-normal fan-out, norms 1/0, linears N(0, 0.02)). transformers
+    draws batch-norm scales from N(0, 0.02), which makes a randomly initialised MobileViT output ~1e-40 (ours)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None: nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:
+            nn.init.ones_(m.weight); nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None: nn.init.zeros_(m.bias)
+    return model
+
 def load_hf_mobilevit(backbone: str = "mobilevit_s"):
     "`(model, arch, Preprocess, weights_id, sha256 | None)` for a transformers MobileViT spec; model frozen, eval."
     from transformers import MobileViTConfig, MobileViTModel
@@ -189,7 +203,7 @@ def load_hf_mobilevit(backbone: str = "mobilevit_s"):
     if spec.is_random:
         if spec.kind == "random": cfg, pp = MobileViTConfig(), dict(_HF_RANDOM_PP)
         else: cfg, pp = tiny_mobilevit_config(), {**_HF_RANDOM_PP, "crop_size": 64, "size": 72}
-        model = random_init(lambda: MobileViTModel(cfg), spec.seed)
+        model = random_init(lambda: init_like_cvnets(MobileViTModel(cfg)), spec.seed)
         return model.eval().requires_grad_(False), spec.kind, Preprocess.from_hf(pp), f"{spec.kind}:{spec.seed}", None
     groups = [("config.json",), ("model.safetensors", "pytorch_model.bin"), ("preprocessor_config.json",)]
     if spec.kind == "hub":

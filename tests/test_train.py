@@ -122,9 +122,8 @@ def test_early_stopping(feats, tmp_path):
     res = train(feats, tmp_path / "r", SMALL, TrainConfig(epochs=30, batch_size=8, lr=1e-2, seed=0, patience=2,
                                                           select_on="loss"), progress=False)
     hist = read_metrics(tmp_path / "r")
-    if res["stopped_early"]:
-        assert len(hist) < 30 and res["epochs_run"] == res["best_epoch"] + 2
-        assert not hist[-1]["improved"] and not hist[-2]["improved"]
+    assert res["stopped_early"] and len(hist) < 30 and res["epochs_run"] == res["best_epoch"] + 2
+    assert not hist[-1]["improved"] and not hist[-2]["improved"]
     assert res["best_score"] == min(h["val_loss"] for h in hist)
 
 
@@ -134,6 +133,7 @@ def test_model_config_checks(feats, tmp_path):
     with pytest.raises(ConfigError, match="optimizer"): TrainConfig(optimizer="sgd")
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_corrupt_and_tampered_checkpoints_refused(feats, tmp_path):
     run = tmp_path / "r"
     train(feats, run, SMALL, TrainConfig(epochs=2, batch_size=8, seed=0), progress=False)

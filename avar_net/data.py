@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #cell-3
 from __future__ import annotations
-import csv, io, math, os, re, time, random, logging, warnings
+import csv, io, math, os, re, time, random, warnings
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -16,11 +16,12 @@ import av
 from .core import (VAAR_CLASSES, AvarError, ConfigError, DataError, DecodeError, atomic_write_text)
 
 # %% auto #0
-__all__ = ['MAX_DURATION_S', 'MAX_PIXELS', 'log', 'MEDIA_EXTS', 'SPLITS', 'XD_CODES', 'read_test_index', 'make_test_media',
-           'DecodeWarning', 'DecodeReport', 'MediaInfo', 'probe', 'count_frames', 'resize_crop', 'iter_video_frames',
-           'decode_video_frames', 'StreamResampler', 'decode_audio', 'TimeGrid', 'pool_to_grid', 'Clip', 'load_clip',
-           'ClipRecord', 'read_vaar', 'write_splits', 'scan_vaar', 'split_records', 'xd_stem', 'parse_xd_name',
-           'xd_is_violent', 'read_xd_list', 'parse_xd_annotations', 'xd_frame_gt', 'read_xd']
+__all__ = ['MAX_DURATION_S', 'MAX_PIXELS', 'MIN_BYTES_PER_S', 'MAX_RESAMPLE_KERNEL', 'MEDIA_EXTS', 'SPLITS', 'XD_CODES',
+           'read_test_index', 'make_test_media', 'DecodeWarning', 'DecodeReport', 'MediaInfo', 'probe', 'count_frames',
+           'resize_crop', 'iter_video_frames', 'decode_video_frames', 'StreamResampler', 'decode_audio', 'TimeGrid',
+           'pool_to_grid', 'Clip', 'load_clip', 'ClipRecord', 'read_vaar', 'write_splits', 'scan_vaar', 'split_records',
+           'xd_stem', 'parse_xd_name', 'xd_is_violent', 'read_xd_list', 'parse_xd_annotations', 'xd_frame_gt',
+           'read_xd']
 
 # %% ../nbs/01_data.ipynb #cell-6
 _LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "quad", 6: "5.1", 8: "7.1", 12: "7.1.4", 16: "hexadecagonal"}
@@ -141,9 +142,9 @@ def make_test_media(path, *, duration_s: float = 2.0, fps=25, size=(64, 48), vco
 # %% ../nbs/01_data.ipynb #cell-10
 MAX_DURATION_S = 7 * 24 * 3600.0     # longer claimed durations are treated as corrupt headers (ours)
 MAX_PIXELS = 1 << 26                 # 67 Mpixel per frame (8K is 33 Mpixel); larger frames are refused (ours)
+MIN_BYTES_PER_S = 16                 # a clip > 10 min claiming fewer bytes per second has a corrupt header (ours)
 _AV_ERRORS = (av.FFmpegError, ValueError, OSError, RuntimeError, EOFError, IndexError, MemoryError,
               OverflowError, ZeroDivisionError)
-log = logging.getLogger(__name__)
 
 class DecodeWarning(UserWarning):
     "Part of a media file could not be decoded (truncation, corrupt packets); the message says how much was lost."
@@ -278,6 +279,9 @@ def _timeline(c, s, path, budget: _Budget) -> tuple[float, float]:
     if dur is None or not math.isfinite(dur): raise DecodeError(path, "unknown duration (no timestamps)")
     if dur <= 0: raise DecodeError(path, "zero duration")
     if dur > MAX_DURATION_S: raise DecodeError(path, f"implausible duration {dur:.3g} s (corrupt header?)")
+    size = os.path.getsize(path)
+    if dur > 600 and size / dur < MIN_BYTES_PER_S:
+        raise DecodeError(path, f"implausible duration {dur:.3g} s for a file of {size} bytes (corrupt header?)")
     return origin, dur
 
 def _tag_rotation(s) -> int:
@@ -541,8 +545,12 @@ def _to_float_mono(frame, resamplers: dict | None = None) -> np.ndarray:
     else: a = a.astype(np.float32, copy=False)
     return a.mean(axis=0, dtype=np.float64).astype(np.float32) if a.shape[0] > 1 else np.ascontiguousarray(a[0])
 
+MAX_RESAMPLE_KERNEL = 16_000_000    # torchaudio kernel elements above which FFmpeg's resampler is used (ours)
+
 class StreamResampler:
-    "Block-wise `torchaudio.functional.resample` that gives the same samples as one whole-signal call."
+    """Block-wise `torchaudio.functional.resample` that gives the same samples as one whole-signal call.
+    Rate pairs whose reduced ratio is huge (e.g. 48001 -> 16000 Hz, a kernel of gigabytes) go through FFmpeg's
+    streaming resampler instead."""
     def __init__(self, orig: int, new: int, block_s: float = 20.0):
         self.orig, self.new = int(orig), int(new)
         g = math.gcd(self.orig, self.new)
@@ -550,10 +558,23 @@ class StreamResampler:
         self.pad = self.og * math.ceil(256 / self.og)
         self.block = self.og * max(1, int(round(block_s * self.orig / self.og)))
         self.buf, self.buf_start, self.done, self.out = np.zeros(0, np.float32), 0, 0, []
+        width = math.ceil(6 * self.og / (min(self.og, self.ng) * 0.99))
+        self.swr = None
+        if self.orig != self.new and self.ng * (self.og + 2 * width) > MAX_RESAMPLE_KERNEL:
+            self.swr, self.pts = av.AudioResampler(format="flt", layout="mono", rate=self.new), 0
+
+    def _swr_out(self, frames) -> None:
+        for o in frames: self.out.append(o.to_ndarray().reshape(-1).astype(np.float32))
 
     def push(self, x: np.ndarray) -> None:
         x = np.asarray(x, np.float32)
         if self.orig == self.new: self.out.append(x.copy()); return
+        if self.swr is not None:
+            if len(x) == 0: return
+            f = av.AudioFrame.from_ndarray(np.ascontiguousarray(x[None]), format="flt", layout="mono")
+            f.sample_rate, f.pts, f.time_base = self.orig, self.pts, Fraction(1, self.orig)
+            self.pts += len(x)
+            self._swr_out(self.swr.resample(f)); return
         self.buf = np.concatenate([self.buf, x])
         while self.buf_start + len(self.buf) - self.done >= self.block + self.pad:
             self._run(self.done + self.block, final=False)
@@ -573,7 +594,8 @@ class StreamResampler:
 
     def finish(self) -> np.ndarray:
         "Resample what is left and return the whole output."
-        if self.orig != self.new:
+        if self.swr is not None: self._swr_out(self.swr.resample(None))
+        elif self.orig != self.new:
             total = self.buf_start + len(self.buf)
             if total > self.done: self._run(total, final=True)
         return np.concatenate(self.out) if self.out else np.zeros(0, np.float32)

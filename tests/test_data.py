@@ -323,6 +323,22 @@ def test_stream_resampler_equals_whole_signal(orig):
     np.testing.assert_allclose(y, ref, atol=2e-5)
 
 
+@pytest.mark.parametrize("orig", [48001, 22254])
+def test_exotic_rates_use_ffmpeg_resampler_without_delay(media, orig):
+    t = np.arange(orig * 2) / orig
+    x = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    r = StreamResampler(orig, 16000)
+    assert r.swr is not None                              # torchaudio's kernel would need hundreds of MB
+    for i in range(0, len(x), 4999): r.push(x[i:i + 4999])
+    y = r.finish()
+    assert len(y) == 32000
+    ref = 0.5 * np.sin(2 * np.pi * 440 * np.arange(32000) / 16000)
+    assert np.abs(y[500:31000] - ref[500:31000]).max() < 1e-3   # same phase: no delay
+    p = media(f"rate{orig}.mkv", duration_s=1.0, acodec="pcm_s16le", sr=orig, channels=1)
+    wave, has = decode_audio(p)
+    assert has and len(wave) == 16000 and tone_stats(wave[2000:14000])[0] == pytest.approx(440, abs=3)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # grid and pooling
 

@@ -92,6 +92,8 @@ def _refused(media):
     c = av.open(str(root / "no_frames.avi"), "w"); s = c.add_stream("mpeg4", rate=25)
     s.width = s.height = 32; s.pix_fmt = "yuv420p"; c.start_encoding(); c.close()
     cases["no_frames.avi"] = (None, "zero duration")
+    make_test_media(root / "two_frames_83_min_apart.mkv", frame_times=[0.0, 5000.0], fps=25, size=(16, 16), acodec=None)
+    cases["two_frames_83_min_apart.mkv"] = (None, "implausible duration")
     return {root / k: v[1] for k, v in cases.items()}
 
 

@@ -15,7 +15,7 @@ from .core import VAAR_CLASSES, ConfigError, DataError, atomic_write_json, atomi
 # %% auto #0
 __all__ = ['SYNTH_VERSION', 'CLASS_SIGNATURES', 'XD_SIGNATURES', 'SYNTH_PROFILES', 'X264_OPTIONS', 'AAC_BITRATE',
            'XD_VIOLENT_CODES', 'XD_NAME_RE', 'ambiguous_pairs', 'Degradation', 'render_clip', 'write_mp4',
-           'generate_synthavar', 'xd_name', 'generate_synthxd', 'synth_cli']
+           'generate_synthavar', 'xd_name', 'generate_synthxd', 'synth_root', 'synth_cli']
 
 # %% ../nbs/02_synth.ipynb #cell-6
 SYNTH_VERSION = "1.0"
@@ -245,7 +245,18 @@ def _make_scene(rng: np.random.Generator, walkers=(0, 3)) -> dict:
                 tex=dict(fx=rng.uniform(1, 9, 6), fy=rng.uniform(1, 9, 6), ph=rng.uniform(0, 6.28, 6), a=rng.uniform(0.01, 0.035)),
                 walkers=_make_walkers(rng, hy, rng.integers(walkers[0], walkers[1] + 1)),
                 exposure=float(rng.uniform(0.75, 1.1)), tint=rng.uniform(0.92, 1.08, 3).astype(np.float32),
-                sensor_noise=float(rng.uniform(0.004, 0.02)), loudness_db=float(rng.uniform(-6, 0)))
+                sensor_noise=float(rng.uniform(0.004, 0.02)), loudness_db=float(rng.uniform(-6, 0)),
+                car=dict(t_rel=float(rng.uniform(0.1, 0.9)), v=float(rng.choice([-1, 1]) * rng.uniform(0.15, 0.3)),
+                         y=float(rng.uniform(hy + 0.12, hy + 0.3)), w=float(rng.uniform(0.12, 0.2)),
+                         col=_rand_colour(rng)) if rng.random() < 0.3 else None,
+                chatter=bool(rng.random() < 0.5))
+
+def _draw_distractors(F, t, g, sc: dict, dur: float) -> None:
+    "Class-independent distractors: passers-by and, in some scenes, a car driving past."
+    _draw_walkers(F, t, g, sc["walkers"])
+    if sc["car"] is not None:
+        c = sc["car"]
+        _car(F, g, 0.5 + c["v"] * (t - c["t_rel"] * dur), c["y"], c["w"], c["col"])
 
 def _draw_background(g: _Grid, sc: dict) -> np.ndarray:
     hy, yy, xx = sc["hy"], g.yy, g.xx
@@ -291,7 +302,7 @@ def _timeline(rng: np.random.Generator, t0: float, t1: float, hy: float, fill: b
     if not beats: beats = [on + 0.3 * (off - on)]
     return _Timeline(t_on=float(on), t_off=float(off), t_peak=float(peak), beats=np.array(beats, np.float64),
                      x=float(rng.uniform(0.32, 0.68)), y=float(rng.uniform(max(hy + 0.22, 0.68), 0.9)),
-                     scale=float(rng.uniform(0.8, 1.2)), speed=speed, gain_db=float(rng.uniform(-7, 0)),
+                     scale=float(rng.uniform(0.8, 1.2)), speed=speed, gain_db=float(rng.uniform(-10, 0)),
                      side=int(rng.choice([-1, 1])), hy=float(hy), colours=rng.uniform(0.1, 0.95, (4, 3)).astype(np.float32),
                      t_end=float(t1 if t_end is None else t_end))
 
@@ -379,6 +390,7 @@ def _v_fireball(F, t, tl, rng, g):
 def _v_prowler(F, t, tl, rng, g):
     sc = tl.scale
     wx0, wy0 = tl.x - 0.07 * sc, tl.y - 0.42 * sc
+    _paint(F, _box(g, wx0 - 0.1 * sc, wy0 - 0.08 * sc, wx0 + 0.24 * sc, tl.y - 0.02), tl.colours[3] * 0.35 + 0.15)   # wall
     _paint(F, _box(g, wx0 - 0.015, wy0 - 0.015, wx0 + 0.14 * sc + 0.015, wy0 + 0.2 * sc + 0.015), [0.2, 0.17, 0.15])
     _paint(F, _box(g, wx0, wy0, wx0 + 0.14 * sc, wy0 + 0.2 * sc), [0.95, 0.85, 0.5])
     for b in tl.beats:          # cracks appear on the beats
@@ -558,13 +570,13 @@ def _a_shout_sob(ts, tl, rng, sr):
     f0 = rng.uniform(190, 300) * (1 + 0.2 * np.sin(np.pi * u))
     x = _voice(t, f0, [(800, 110), (1250, 140), (2600, 220), (3500, 300)], sr, tilt=0.25)
     sobs = []
-    for a, b in zip(tl.beats[:-1] + 0.55, tl.beats[1:]):
-        k = a
-        while k < b - 0.15: sobs.append((k, k + rng.uniform(0.08, 0.16))); k += rng.uniform(0.18, 0.3)
+    for (_, a), b in zip(shouts, list(tl.beats[1:]) + [tl.t_off]):
+        k = a + 0.04
+        while k < b - 0.12: sobs.append((k, k + rng.uniform(0.08, 0.14))); k += rng.uniform(0.16, 0.26)
     env2, u2 = _burst_env(t, sobs, 0.01, 0.04)
     f02 = rng.uniform(330, 430) * (1 - 0.1 * u2)
     y = _voice(t, f02, [(600, 100), (1800, 200)], sr, tilt=0.8) + 0.4 * _noise(rng, len(t), sr, 1000, 5000)
-    out[s] = 0.35 * x * env + 0.12 * y * env2
+    out[s] = 0.35 * x * env + 0.2 * y * env2
     return out
 
 def _a_thuds_crowd(ts, tl, rng, sr):
@@ -603,7 +615,7 @@ def _a_bang_burst(ts, tl, rng, sr):
 def _glass(t, b, rng, sr) -> np.ndarray:
     x = np.zeros(len(t), np.float32)
     for _ in range(int(rng.integers(5, 9))):
-        x += rng.uniform(0.3, 1.0) * np.sin(2 * np.pi * rng.uniform(2500, 7500) * (t - b) + rng.uniform(0, 6)) * _decay(t, b, rng.uniform(0.04, 0.25), 0.0005)
+        x += rng.uniform(0.3, 1.0) * np.sin(2 * np.pi * rng.uniform(2500, 7500) * (t - b) + rng.uniform(0, 6)) * _decay(t, b, rng.uniform(0.02, 0.12), 0.0005)
     x += 0.8 * _noise(rng, len(t), sr, 2000) * _decay(t, b, 0.008, 0.0003)
     for c in b + rng.uniform(0.05, 0.6, int(rng.integers(3, 9))):
         x += 0.25 * np.sin(2 * np.pi * rng.uniform(3000, 7000) * (t - c)) * _decay(t, c, 0.03, 0.0005)
@@ -674,8 +686,8 @@ _AUDIO: dict[str, Callable] = dict(ambience=_a_ambience, siren=_a_siren, baby_cr
 def _bed(n: int, sr: int, rng) -> np.ndarray:
     "Ambient bed common to every clip: pink noise, modulated traffic rumble, sometimes mains hum."
     t = np.arange(n) / sr
-    x = rng.uniform(0.006, 0.02) * _noise(rng, n, sr, 30, 6000, tilt=1.0)
-    x += rng.uniform(0.005, 0.03) * _noise(rng, n, sr, 20, 300) * (0.6 + 0.4 * np.sin(2 * np.pi * rng.uniform(0.05, 0.2) * t + rng.uniform(0, 6)))
+    x = rng.uniform(0.005, 0.035) * _noise(rng, n, sr, 30, 6000, tilt=1.0)
+    x += rng.uniform(0.005, 0.04) * _noise(rng, n, sr, 20, 300) * (0.6 + 0.4 * np.sin(2 * np.pi * rng.uniform(0.05, 0.2) * t + rng.uniform(0, 6)))
     if rng.random() < 0.4:
         f = rng.choice([50.0, 60.0]); x += rng.uniform(0.002, 0.008) * (np.sin(2 * np.pi * f * t) + 0.5 * np.sin(4 * np.pi * f * t))
     return x.astype(np.float32)
@@ -689,12 +701,12 @@ def _label_index(label) -> int:
         raise ConfigError(f"label must be a class index 0..{len(VAAR_CLASSES) - 1} or a class name, got {label!r}")
     return int(label)
 
-def _render_frames(size: int, t: np.ndarray, seed: int, sc: dict, events: list) -> np.ndarray:
+def _render_frames(size: int, t: np.ndarray, fps: float, seed: int, sc: dict, events: list) -> np.ndarray:
     "Frames (N,H,W,3) float32 of the scene of `seed` with `events` = [(visual signature, timeline), ...]."
     g = _Grid(size)
     F = np.empty((len(t), size, size, 3), np.float32)
     F[:] = _draw_background(g, sc)
-    _draw_walkers(F, t, g, sc["walkers"])
+    _draw_distractors(F, t, g, sc, len(t) / fps)
     for k, (sig, tl) in enumerate(events):
         s = _span(t, tl.t_on, tl.t_off)
         if s.stop > s.start: _VISUAL[sig](F[s], t[s], tl, _rng(seed, "visual", k), g)
@@ -721,9 +733,17 @@ def _finish_frames(F: np.ndarray, seed: int, sc: dict, deg: Degradation) -> np.n
 
 def _render_audio(n: int, sr: int, seed: int, sc: dict, events: list) -> np.ndarray:
     ts = np.arange(n, dtype=np.float64) / sr
-    a = _bed(n, sr, _rng(seed, "bed"))
+    dur = n / sr
+    rb = _rng(seed, "bed")
+    a = _bed(n, sr, rb)
+    if sc["car"] is not None:      # the distractor car's sound, centred on its passage
+        a += rb.uniform(0.05, 0.15) * _noise(rb, n, sr, 0, 600) * np.exp(-(((ts - sc["car"]["t_rel"] * dur) / 0.8) ** 2)).astype(np.float32)
+    if sc["chatter"]:              # distant birds and voices in half of all scenes, whatever the class
+        tl = _timeline(rb, 0.0, dur, sc["hy"], fill=True)
+        a += _a_ambience(ts, tl, rb, sr) * np.float32(10 ** (rb.uniform(-16, -8) / 20))
     for k, (sig, tl) in enumerate(events):
-        a += _AUDIO[sig](ts, tl, _rng(seed, "audio", k), sr) * np.float32(10 ** (tl.gain_db / 20))
+        fade = np.clip((tl.t_end - ts) / 0.02, 0, 1).astype(np.float32)     # no click where an event is cut
+        a += _AUDIO[sig](ts, tl, _rng(seed, "audio", k), sr) * fade * np.float32(10 ** (tl.gain_db / 20))
     a *= np.float32(10 ** (sc["loudness_db"] / 20))
     peak = float(np.abs(a).max()) if n else 0.0
     if peak > 0.9: a *= np.float32(0.9 / peak)
@@ -749,7 +769,7 @@ def _render_vaar(label, seed, size=64, duration_s=2.5, fps=10, sr=16000, degrade
     sc = _make_scene(_rng(seed, "scene"))
     tl = _timeline(_rng(seed, "timing"), 0.0, dur, sc["hy"])
     t = np.arange(n, dtype=np.float64) / fps
-    frames = _finish_frames(_render_frames(int(size), t, seed, sc, [(vsig, tl)]), seed, sc, deg)
+    frames = _finish_frames(_render_frames(int(size), t, fps, seed, sc, [(vsig, tl)]), seed, sc, deg)
     audio = _finish_audio(_render_audio(int(round(dur * sr)), sr, seed, sc, [(asig, tl)]), seed, deg)
     info = dict(label=VAAR_CLASSES[label], label_index=label, seed=seed, n_frames=n, duration_s=round(dur, 6), fps=fps,
                 size=int(size), sr=sr, visual=vsig, audio=asig, has_audio=audio is not None, timeline=tl.to_dict(),
@@ -766,8 +786,12 @@ def render_clip(label: int, seed: int, size: int = 64, duration_s: float = 2.5, 
 
 # %% ../nbs/02_synth.ipynb #cell-37
 X264_OPTIONS = {"preset": "veryfast", "crf": "20", "x264-params": "threads=1:lookahead-threads=1:mbtree=0"}
-AAC_BITRATE = 64_000
+AAC_BITRATE = 96_000     # the most the AAC encoder gives at 16 kHz mono; ~28-38 dB codec SNR on our sounds
 _CONTAINERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm", ".avi": "avi"}
+
+def _umask() -> int:
+    um = os.umask(0); os.umask(um)
+    return um
 
 def _as_rate(fps) -> Fraction:
     if isinstance(fps, Fraction): return fps
@@ -834,6 +858,7 @@ def write_mp4(path, frames: np.ndarray, fps, audio: np.ndarray | None = None, sr
                 push_audio(audio.shape[1])
                 for p in a.encode(): c.mux(p)
         with open(tmp, "rb+") as f: os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())         # mkstemp makes 0600 files; a dataset should be readable like any file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
@@ -911,7 +936,9 @@ def _avar_job(job: dict) -> dict:
 def _run_jobs(fn, jobs: list, workers: int) -> list:
     if workers <= 1 or len(jobs) < 4: return [fn(j) for j in jobs]
     import concurrent.futures as cf, multiprocessing as mp
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
+    # fork (Linux): workers inherit the imported module, so this also works from notebooks and stdin scripts
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
         return list(ex.map(fn, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
 
 def _generate_synthavar(out_dir, profile="tiny", seed=0, degrade=None, classes=None, overwrite=False, workers=1, **overrides):
@@ -920,6 +947,8 @@ def _generate_synthavar(out_dir, profile="tiny", seed=0, degrade=None, classes=N
     p = _profile_params(profile, overrides)
     cls_idx = sorted({_label_index(c) for c in (classes if classes is not None else VAAR_CLASSES)})
     if not cls_idx: raise ConfigError("classes must name at least one class")
+    n_tr, n_va, n_te = _split_counts(int(p["clips_per_class"]), p["splits"])      # validate before touching the disk
+    if int(p["size"]) != p["size"] or p["size"] < 16 or p["size"] % 2: raise ConfigError(f"size must be an even integer >= 16, got {p['size']!r}")
     params = dict(profile=profile, seed=seed, degrade=deg.to_dict(), classes=[VAAR_CLASSES[i] for i in cls_idx], version=SYNTH_VERSION, **p)
     key = _params_key(params)
     root = Path(out_dir)
@@ -931,7 +960,6 @@ def _generate_synthavar(out_dir, profile="tiny", seed=0, degrade=None, classes=N
     jobs = []
     for c in cls_idx:
         name = VAAR_CLASSES[c]
-        n_tr, n_va, n_te = _split_counts(int(p["clips_per_class"]), p["splits"])
         order = _rng(seed, "splits", c).permutation(int(p["clips_per_class"]))
         split_of = {int(i): s for i, s in zip(order, ["train"] * n_tr + ["val"] * n_va + ["test"] * n_te)}
         for i in range(int(p["clips_per_class"])):
@@ -1004,7 +1032,7 @@ def _render_xd(seed: int, n_frames: int, size: int, fps: int, sr: int, segs: lis
         tl = _timeline(rt, s / fps, e / fps, sc["hy"], fill=True, t_end=e / fps)
         vis.append((XD_SIGNATURES[code][0], tl)); aud.append((XD_SIGNATURES[code][1], tl))
     t = np.arange(n_frames, dtype=np.float64) / fps
-    frames = _finish_frames(_render_frames(size, t, seed, sc, vis), seed, sc, Degradation())
+    frames = _finish_frames(_render_frames(size, t, fps, seed, sc, vis), seed, sc, Degradation())
     audio = _render_audio(int(round(n_frames / fps * sr)), sr, seed, sc, aud)
     return frames, audio
 
@@ -1069,6 +1097,13 @@ def generate_synthxd(out_dir, profile: str = "tiny", seed: int = 0, *, overwrite
     return _generate_synthxd(out_dir, profile, seed, overwrite, workers, **overrides)[0]
 
 # %% ../nbs/02_synth.ipynb #cell-49
+def synth_root(kind: str = "avar", profile: str = "small", seed: int = 0) -> Path:
+    "Default folder of a generated dataset: `<data>/synth<kind>_<profile>_s<seed>`."
+    if kind not in ("avar", "xd"): raise ConfigError(f"unknown synth kind {kind!r}; choose 'avar' or 'xd'")
+    from avar_net.core import project_path
+    return project_path("data") / f"synth{kind}_{profile}_s{_check_seed(seed)}"
+
+# %% ../nbs/02_synth.ipynb #cell-52
 def synth_cli(out_dir, profile: str = "tiny", seed: int = 0, kind: str = "avar", workers: int = 1) -> Path:
     "Generate SynthAVAR (`kind='avar'`) or SynthXD (`kind='xd'`) into `out_dir`, print a one-line summary, return the root."
     if kind == "avar":

@@ -16,12 +16,12 @@ import av
 from .core import (VAAR_CLASSES, AvarError, ConfigError, DataError, DecodeError, atomic_write_text)
 
 # %% auto #0
-__all__ = ['MAX_DURATION_S', 'MAX_PIXELS', 'MIN_BYTES_PER_S', 'MAX_RESAMPLE_KERNEL', 'MEDIA_EXTS', 'SPLITS', 'XD_CODES',
-           'read_test_index', 'make_test_media', 'DecodeWarning', 'DecodeReport', 'MediaInfo', 'probe', 'count_frames',
-           'resize_crop', 'iter_video_frames', 'decode_video_frames', 'StreamResampler', 'decode_audio', 'TimeGrid',
-           'pool_to_grid', 'Clip', 'load_clip', 'ClipRecord', 'read_vaar', 'write_splits', 'scan_vaar', 'split_records',
-           'xd_stem', 'parse_xd_name', 'xd_is_violent', 'read_xd_list', 'parse_xd_annotations', 'xd_frame_gt',
-           'read_xd']
+__all__ = ['MAX_DURATION_S', 'MAX_PIXELS', 'MAX_CLIP_BYTES', 'MIN_BYTES_PER_S', 'MAX_RESAMPLE_KERNEL', 'MEDIA_EXTS', 'SPLITS',
+           'XD_CODES', 'read_test_index', 'make_test_media', 'DecodeWarning', 'DecodeReport', 'MediaInfo', 'probe',
+           'count_frames', 'resize_crop', 'iter_video_frames', 'decode_video_frames', 'StreamResampler', 'decode_audio',
+           'TimeGrid', 'pool_to_grid', 'Clip', 'load_clip', 'ClipRecord', 'read_vaar', 'write_splits', 'scan_vaar',
+           'split_records', 'xd_stem', 'parse_xd_name', 'xd_is_violent', 'read_xd_list', 'parse_xd_annotations',
+           'xd_frame_gt', 'read_xd']
 
 # %% ../nbs/01_data.ipynb #cell-6
 _LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "quad", 6: "5.1", 8: "7.1", 12: "7.1.4", 16: "hexadecagonal"}
@@ -142,6 +142,7 @@ def make_test_media(path, *, duration_s: float = 2.0, fps=25, size=(64, 48), vco
 # %% ../nbs/01_data.ipynb #cell-10
 MAX_DURATION_S = 7 * 24 * 3600.0     # longer claimed durations are treated as corrupt headers (ours)
 MAX_PIXELS = 1 << 26                 # 67 Mpixel per frame (8K is 33 Mpixel); larger frames are refused (ours)
+MAX_CLIP_BYTES = 4 << 30             # load_clip refuses clips whose frames + audio would exceed 4 GiB (ours)
 MIN_BYTES_PER_S = 16                 # a clip > 10 min claiming fewer bytes per second has a corrupt header (ours)
 _AV_ERRORS = (av.FFmpegError, ValueError, OSError, RuntimeError, EOFError, IndexError, MemoryError,
               OverflowError, ZeroDivisionError)
@@ -768,6 +769,12 @@ def load_clip(path, step_s: float = 0.25, fps: float = 4.0, size: int | None = 2
     "Decode a whole clip: frames at `fps` (resized to `size`), mono audio at `sr` aligned to the video, and its `TimeGrid`."
     budget = _Budget(path, timeout_s)
     info = probe(path, timeout_s=budget.remaining())
+    _check_rate(fps, size)
+    need = math.ceil(info.duration_s * float(fps)) * 3 * ((size * size) if size else info.width * info.height) \
+        + info.duration_s * sr * 4
+    if need > MAX_CLIP_BYTES:
+        raise DecodeError(path, f"a {info.duration_s:.0f} s clip at {float(fps):g} fps and size {size} needs "
+                                f"{need / 2**30:.1f} GiB in memory; decode long videos in chunks with iter_video_frames")
     rv = DecodeReport(str(path), "video")
     times, frames = decode_video_frames(path, fps, size, timeout_s=budget.remaining(), report=rv)
     dur = info.duration_s if rv.usable_until_s is None else min(info.duration_s, rv.usable_until_s)

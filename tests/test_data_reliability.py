@@ -199,6 +199,16 @@ def test_battery_handled_inputs(media, name, kw, shape):
         assert not clip.has_audio and not clip.audio.any()
 
 
+def test_load_clip_refuses_clips_too_big_for_memory(media, monkeypatch):
+    import avar_net.data as D
+    p = media("g1.mp4", duration_s=2.0, fps=25, size=(32, 32))
+    monkeypatch.setattr(D, "MAX_CLIP_BYTES", 200_000)
+    with pytest.raises(DecodeError, match="iter_video_frames") as ei:
+        load_clip(p, size=64)
+    check_error(ei.value, p)
+    assert load_clip(p, size=16).frames.shape == (8, 3, 16, 16)       # 8 * 768 B + 128 kB of audio fit
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the time limit
 

@@ -319,17 +319,20 @@ class _StepMean:
     def __init__(self, T: int):
         self.T, self.sums, self.counts = T, None, np.zeros(T, np.int64)
 
-    def add(self, idx: np.ndarray, feats: np.ndarray) -> None:
+    def add(self, idx: np.ndarray, feats: np.ndarray, block: int = 4096) -> None:
+        "Add rows of `feats` to the steps `idx` (-1 = outside the grid), `block` rows at a time (bounded temporaries)."
         if self.sums is None: self.sums = np.zeros((self.T, feats.shape[1]), np.float64)
-        m = idx >= 0
-        np.add.at(self.sums, idx[m], feats[m])
-        self.counts += np.bincount(idx[m], minlength=self.T)
+        for s in range(0, len(idx), block):
+            i, f = idx[s:s + block], feats[s:s + block]
+            m = i >= 0
+            np.add.at(self.sums, i[m], f[m].astype(np.float64))
+            self.counts += np.bincount(i[m], minlength=self.T)
 
-    def finalize(self, grid, path) -> np.ndarray:
-        "Step means on `grid` (the grid of the accumulator, or a prefix of it)."
+    def finalize(self, grid, path, what: str = "video frame") -> np.ndarray:
+        "Step means on `grid` (the grid of the accumulator, or a prefix of it); empty steps copy the nearest full one."
         counts = self.counts[:grid.T]
         nz = counts > 0
-        if not nz.any(): raise DecodeError(path, "no video frame decoded inside the time grid")
+        if not nz.any(): raise DecodeError(path, f"no {what} decoded inside the time grid")
         means = (self.sums[:grid.T][nz] / counts[nz, None]).astype(np.float32)
         centres = np.asarray(grid.starts)[nz] + grid.step_s / 2
         return np.asarray(pool_to_grid(centres, means, grid), dtype=np.float32)
@@ -365,7 +368,11 @@ def _finish_clip(path, info, grid, extra, acc: _StepMean, wave, has_audio: bool,
     t = time.perf_counter()
     if has_audio:
         at, af = ex.audio.features(np.asarray(wave, np.float32)[: max(1, int(round(dur * cfg.sr)))])
-        audio = np.asarray(pool_to_grid(np.asarray(at), af, grid), np.float32)
+        del wave
+        aacc = _StepMean(grid.T)                     # = pool_to_grid, without a float64 copy of every vector
+        aacc.add(np.asarray(grid.index_of(np.asarray(at))), af)
+        del af
+        audio = aacc.finalize(grid, path, what="audio vector")
     else:
         audio = np.zeros((grid.T, int(ex.audio.dim)), np.float32)
     tm["audio_s"] = tm.get("audio_s", 0.0) + time.perf_counter() - t
@@ -651,6 +658,8 @@ def write_manifest(out_dir, run_info: dict, items: Sequence[ClipItem] | None = N
     with open(out_dir / ".manifest.lock", "a+") as lk:
         fcntl.flock(lk, fcntl.LOCK_EX)
         try:
+            for p in out_dir.glob(".manifest.json.*.tmp"):      # left by a killed writer (writers hold this lock)
+                with contextlib.suppress(FileNotFoundError): p.unlink()
             m = build_manifest(out_dir, run_info, items)
             atomic_write_json(out_dir / "manifest.json", m)
         finally: fcntl.flock(lk, fcntl.LOCK_UN)
@@ -809,9 +818,10 @@ class FeatureStore:
     def video_dim(self) -> int: return int(self.manifest["backbones"]["video"]["dim"])
 
     def records(self, split: str | None = None) -> list[dict]:
-        "Clips ready to load (status ok for this configuration), in dataset order; optionally one split."
-        return [{"clip_id": c, **r} for c, r in self.manifest["clips"].items()
+        "Clips ready to load (status ok for this configuration), in dataset order (XD: the list order); optionally one split."
+        recs = [{"clip_id": c, **r} for c, r in self.manifest["clips"].items()
                 if r.get("status") == "ok" and (split is None or r.get("split") == split)]
+        return sorted(recs, key=lambda r: (r.get("order", 1 << 60), r["clip_id"]))    # JSON objects do not keep order
 
     @property
     def failures(self) -> list[dict]: return list(self.manifest.get("failures", []))

@@ -64,6 +64,7 @@ def _resume_and_check(synth_root, reference, out, done_before: set[str]):
             assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), (r["clip_id"], k)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume(synth_root, reference, tmp_path):
     "Kill -9 a real extraction after it has finished a few clips (polling the status folder)."
     out = tmp_path / "f"
@@ -87,6 +88,7 @@ def test_sigkill_mid_run_then_resume(synth_root, reference, tmp_path):
     _resume_and_check(synth_root, reference, out, done)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_at", [4, 5])
 def test_sigkill_inside_a_write(synth_root, reference, tmp_path, kill_at):
     """Kill at an exact point: at the 4th `os.replace` the 2nd clip's feature file exists only as a temporary; at the

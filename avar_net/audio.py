@@ -293,7 +293,9 @@ class AudioExtractor:
         if len(bounds) > 1 and self.overlap < self.receptive_field:
             raise ConfigError(f"overlap_s={self.overlap_s} is shorter than the receptive field ({self.receptive_field / self.sr * 1000:.0f} ms)")
         keeps = stitch_keep(bounds, self.kernels, self.strides)
-        parts: list[np.ndarray] = []
+        n = conv_out_len(x.size, self.kernels, self.strides)
+        feats = np.empty((n, self.dim), np.float32)  # filled in place: peak memory = one copy of the output + one batch
+        filled = 0
         with torch.inference_mode():
             i = 0
             while i < len(bounds):  # batch consecutive chunks of equal length
@@ -301,11 +303,13 @@ class AudioExtractor:
                 while j < len(bounds) and j - i < self.batch_size and bounds[j][1] - bounds[j][0] == L: j += 1
                 batch = torch.from_numpy(np.stack([x[a:b] for a, b in bounds[i:j]])).to(self.device)
                 h = self._encode(batch).cpu().numpy()
-                for r, k in enumerate(range(i, j)): parts.append(h[r][keeps[k][1]])
+                for r, k in enumerate(range(i, j)):
+                    g0, keep = keeps[k]
+                    idx = g0 + np.flatnonzero(keep)
+                    assert len(idx) == 0 or idx[0] == filled, (idx[:1], filled)
+                    feats[idx] = h[r][keep]; filled += len(idx)
                 i = j
-        feats = np.concatenate(parts).astype(np.float32, copy=False)
-        n = conv_out_len(x.size, self.kernels, self.strides)
-        assert len(feats) == n, (len(feats), n)
+        assert filled == n, (filled, n)
         return self.times(n), feats
 
     def extract(self, wave, grid) -> np.ndarray:

@@ -4,18 +4,18 @@
 
 # %% ../nbs/02_synth.ipynb #cell-3
 from __future__ import annotations
-import os, re, json, time, shutil, tempfile, contextlib
-from dataclasses import dataclass, asdict, field
+import os, re, json, time, tempfile, contextlib
+from dataclasses import dataclass, asdict
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 import numpy as np
 from .core import VAAR_CLASSES, ConfigError, DataError, atomic_write_json, atomic_write_text, sha256_file, sha256_bytes
 
 # %% auto #0
 __all__ = ['SYNTH_VERSION', 'CLASS_SIGNATURES', 'XD_SIGNATURES', 'SYNTH_PROFILES', 'X264_OPTIONS', 'AAC_BITRATE',
-           'XD_VIOLENT_CODES', 'XD_NAME_RE', 'ambiguous_pairs', 'Degradation', 'render_clip', 'write_mp4',
-           'generate_synthavar', 'xd_name', 'generate_synthxd', 'synth_root', 'synth_cli']
+           'XD_VIOLENT_CODES', 'ambiguous_pairs', 'Degradation', 'render_clip', 'write_mp4', 'generate_synthavar',
+           'xd_name', 'generate_synthxd', 'synth_root', 'synth_cli']
 
 # %% ../nbs/02_synth.ipynb #cell-6
 SYNTH_VERSION = "1.0"
@@ -887,7 +887,8 @@ def _encoder_info() -> dict:
 
 _MARKER = ".synth_inprogress.json"
 
-def _prepare_root(root: Path, kind: str, key: str, overwrite: bool, listed: Callable[[dict], list[str]]) -> tuple[str, dict | None]:
+def _prepare_root(root: Path, kind: str, key: str, overwrite: bool, listed: Callable[[dict], list[str]],
+                  required: tuple[str, ...] = ()) -> tuple[str, dict | None]:
     "-> ('complete', manifest) | ('resume', None) | ('fresh', None); refuses foreign or mismatched folders."
     man_p, mark_p = root / "manifest.json", root / _MARKER
     if not root.exists() or not any(root.iterdir()): return "fresh", None
@@ -904,7 +905,8 @@ def _prepare_root(root: Path, kind: str, key: str, overwrite: bool, listed: Call
     else:
         raise ConfigError(f"{root}: folder is not empty and is not a synthetic dataset (no manifest.json); choose an empty or new folder")
     if state == key:
-        if man is not None and all((root / r).is_file() and sha256_file(root / r) == h for r, h in listed(man)):
+        if man is not None and all((root / r).is_file() for r in required) and \
+                all((root / r).is_file() and sha256_file(root / r) == h for r, h in listed(man)):
             return "complete", man
         return "resume", None
     if not overwrite:
@@ -952,7 +954,7 @@ def _generate_synthavar(out_dir, profile="tiny", seed=0, degrade=None, classes=N
     params = dict(profile=profile, seed=seed, degrade=deg.to_dict(), classes=[VAAR_CLASSES[i] for i in cls_idx], version=SYNTH_VERSION, **p)
     key = _params_key(params)
     root = Path(out_dir)
-    state, man = _prepare_root(root, "synthavar", key, overwrite, lambda m: [(c["clip"], c["sha256"]) for c in m["clips"]])
+    state, man = _prepare_root(root, "synthavar", key, overwrite, lambda m: [(c["clip"], c["sha256"]) for c in m["clips"]], ("splits.csv",))
     if state == "complete": return root, dict(skipped=True, clips=len(man["clips"]), counts=man["counts"], seconds=time.perf_counter() - t0)
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(root / _MARKER, dict(kind="synthavar", params_key=key, params=params))
@@ -986,7 +988,7 @@ def generate_synthavar(out_dir, profile: str = "tiny", seed: int = 0, degrade: D
 
 # %% ../nbs/02_synth.ipynb #cell-45
 XD_VIOLENT_CODES = ("B1", "B2", "B4", "B5", "B6", "G")
-XD_NAME_RE = re.compile(r"^(?P<source>.+?)__#(?P<start>[\d-]+)_(?P<end>[\d-]+)_label_(?P<labels>A|[A-Z]\d?(?:-(?:[A-Z]\d?|0)){2})$")
+_XD_NAME_RE = re.compile(r"^(?P<source>.+?)__#(?P<start>[\d-]+)_(?P<end>[\d-]+)_label_(?P<labels>A|[A-Z]\d?(?:-(?:[A-Z]\d?|0)){2})$")
 
 def _hms(sec: int) -> str: return f"{sec // 3600:02d}-{sec // 60 % 60:02d}-{sec % 60:02d}"
 
@@ -1054,7 +1056,8 @@ def _generate_synthxd(out_dir, profile="tiny", seed=0, overwrite=False, workers=
     params = dict(profile=profile, seed=seed, version=SYNTH_VERSION, **p)
     key = _params_key(params)
     root = Path(out_dir)
-    state, man = _prepare_root(root, "synthxd", key, overwrite, lambda m: [(v["path"], v["sha256"]) for v in m["videos"]])
+    state, man = _prepare_root(root, "synthxd", key, overwrite, lambda m: [(v["path"], v["sha256"]) for v in m["videos"]],
+                               ("train.list", "test.list", "annotations.txt"))
     if state == "complete":
         return root, dict(skipped=True, videos=len(man["videos"]), counts=man["counts"], seconds=time.perf_counter() - t0)
     root.mkdir(parents=True, exist_ok=True)

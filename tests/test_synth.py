@@ -89,6 +89,9 @@ def test_idempotent_resume_and_safe(tmp_path):
     (root / "Crash/crash_0001.mp4").unlink()                              # damaged: resumes, same bytes again
     generate_synthavar(root, "tiny", 0, classes=["Crash"], clips_per_class=3)
     assert (root / "Crash/crash_0001.mp4").read_bytes() == b0
+    (root / "splits.csv").unlink()                                        # a missing splits.csv is rebuilt too
+    generate_synthavar(root, "tiny", 0, classes=["Crash"], clips_per_class=3)
+    assert (root / "splits.csv").read_text().count("Crash/") == 3
     with pytest.raises(ConfigError, match="other parameters"):
         generate_synthavar(root, "tiny", 1, classes=["Crash"], clips_per_class=3)
     generate_synthavar(root, "tiny", 1, classes=["Crash"], clips_per_class=3, overwrite=True)
@@ -105,7 +108,7 @@ def test_idempotent_resume_and_safe(tmp_path):
 def test_same_seed_identical_decoded_tensors(tmp_path):
     kw = dict(classes=["Explosion", "Baby cry", "Vandalism"], clips_per_class=3)
     a = generate_synthavar(tmp_path / "a", "tiny", 5, **kw)
-    b = generate_synthavar(tmp_path / "b", "tiny", 5, **kw)
+    b = generate_synthavar(tmp_path / "b", "tiny", 5, workers=2, **kw)          # worker processes change nothing
     c = generate_synthavar(tmp_path / "c", "tiny", 6, **kw)
     clips = sorted(str(p.relative_to(a)) for p in a.rglob("*.mp4"))
     assert clips == sorted(str(p.relative_to(b)) for p in b.rglob("*.mp4")) and len(clips) == 9

@@ -65,12 +65,15 @@ def project_path(kind: str) -> Path:
     return project_root() / kind
 
 # %% ../nbs/00_core.ipynb #cell-16
+_UMASK = os.umask(0); os.umask(_UMASK)   # read the process umask once (os.umask can only be read by setting it)
+
 @contextlib.contextmanager
 def atomic_write(path, mode: str = "wb") -> Iterator[io.IOBase]:
     "Context manager yielding a file object; on success the content replaces `path` atomically."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)   # mkstemp makes 0600; give the file the mode a plain open() would
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush(); os.fsync(f.fileno())

@@ -13,7 +13,7 @@ from .audio import (parse_weight_spec, resolve_precision, fetch_hub_files, pick_
                             random_init, _quiet_transformers)
 import torch
 from torch import nn
-import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 
 # %% auto #0
 __all__ = ['TIMM_ARCHS', 'HF_REPOS', 'BACKENDS', 'Preprocess', 'fold_batchnorm', 'load_timm_mobilevit', 'tiny_mobilevit_config',
@@ -21,6 +21,8 @@ __all__ = ['TIMM_ARCHS', 'HF_REPOS', 'BACKENDS', 'Preprocess', 'fold_batchnorm',
 
 # %% ../nbs/04_video.ipynb #cell-6
 _INTERP = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "bilinear", 5: "bilinear"}  # PIL resample codes
+_TV_MODES = {"nearest": TF.InterpolationMode.NEAREST, "bilinear": TF.InterpolationMode.BILINEAR,
+             "bicubic": TF.InterpolationMode.BICUBIC}
 
 @dataclass(frozen=True)
 class Preprocess:
@@ -38,7 +40,9 @@ class Preprocess:
         "From a timm `pretrained_cfg` (or `timm.data.resolve_data_config` output)."
         size = int(cfg["input_size"][-1]); crop_pct = float(cfg.get("crop_pct") or 1.0)
         if cfg.get("crop_mode", "center") != "center": raise ConfigError(f"crop_mode {cfg.get('crop_mode')!r} is not supported (only 'center')")
-        return cls(size, math.floor(size / crop_pct), cfg.get("interpolation", "bicubic"), tuple(cfg["mean"]), tuple(cfg["std"]))
+        interp = cfg.get("interpolation", "bicubic")
+        if interp not in _TV_MODES: interp = "bicubic"  # timm's 'random'/'lanczos' choices: bicubic (ours)
+        return cls(size, math.floor(size / crop_pct), interp, tuple(cfg["mean"]), tuple(cfg["std"]))
 
     @classmethod
     def from_hf(cls, pp: dict) -> "Preprocess":
@@ -58,19 +62,17 @@ class Preprocess:
                    bgr=bool(pp.get("do_flip_channel_order", True)))
 
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
-        x = frames.float() * self.scale
+        x = frames
         H, W = x.shape[-2:]
         if self.resize and min(H, W) != self.resize:
             r = self.resize
-            size = (r, int(r * W / H)) if H <= W else (int(r * H / W), r)  # torchvision Resize(int) arithmetic
-            aa = self.interpolation in ("bilinear", "bicubic")
-            x = F.interpolate(x, size=size, mode=self.interpolation, antialias=aa, **({"align_corners": False} if aa else {}))
-            if self.interpolation == "bicubic": x = x.clamp(0, 255 * self.scale)
+            size = [r, int(r * W / H)] if H <= W else [int(r * H / W), r]  # torchvision Resize(int) arithmetic
+            x = TF.resize(x, size, interpolation=_TV_MODES[self.interpolation], antialias=True)  # on uint8, like PIL
             H, W = size
         s = self.input_size
         if H < s or W < s: raise DataError(f"frames of {H}x{W} px are smaller than the {s} px crop")
         top, left = int(round((H - s) / 2.0)), int(round((W - s) / 2.0))
-        x = x[..., top:top + s, left:left + s]
+        x = x[..., top:top + s, left:left + s].float() * self.scale
         if self.bgr: x = x.flip(1)
         if any(m != 0 for m in self.mean) or any(v != 1 for v in self.std):
             x = (x - x.new_tensor(self.mean).view(1, 3, 1, 1)) / x.new_tensor(self.std).view(1, 3, 1, 1)

@@ -121,12 +121,15 @@ class Extractors:
                 "audio_chunk_s": getattr(self.audio, "chunk_s", None), "audio_overlap_s": getattr(self.audio, "overlap_s", None)}
 
     def backbones(self, cfg: FeatureConfig) -> dict:
-        "Manifest entry: spec, weights id, feature size and precision of each backbone."
-        return {"audio": {"spec": cfg.audio_backbone, "weights_id": self.audio.weights_id, "dim": int(self.audio.dim),
-                          "layer": cfg.audio_layer, "precision": self.audio.precision_used},
-                "video": {"spec": cfg.video_backbone, "weights_id": self.video.weights_id, "dim": int(self.video.dim),
-                          "backend": cfg.video_backend, "input_size": int(self.video.input_size),
-                          "precision": self.video.precision_used}}
+        "Manifest entry: spec, weights id, feature size, precision and (when the extractor says) full preprocessing."
+        d = {"audio": {"spec": cfg.audio_backbone, "weights_id": self.audio.weights_id, "dim": int(self.audio.dim),
+                       "layer": cfg.audio_layer, "precision": self.audio.precision_used},
+             "video": {"spec": cfg.video_backbone, "weights_id": self.video.weights_id, "dim": int(self.video.dim),
+                       "backend": cfg.video_backend, "input_size": int(self.video.input_size), "decode_size": int(self.size),
+                       "precision": self.video.precision_used}}
+        for k, e in (("audio", self.audio), ("video", self.video)):
+            if callable(getattr(e, "describe", None)): d[k]["describe"] = e.describe()
+        return d
 
 def build_extractors(cfg: FeatureConfig) -> Extractors:
     "Instantiate `AudioExtractor` and `VideoExtractor` for `cfg` (raises `WeightsError` when weights are missing)."

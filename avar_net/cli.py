@@ -144,11 +144,10 @@ def _cmd_extract(a):
     from avar_net.features import FeatureConfig, extract_dataset
     cfg = FeatureConfig(audio_backbone=a.audio_backbone, video_backbone=a.video_backbone, step_s=a.step,
                         frames_per_step=a.frames_per_step, xd=a.xd, device=a.device, precision=a.precision)
+    # extract_dataset prints the failures with their reasons to stderr at the end of the run
     summary = extract_dataset(a.data_root, a.out_dir, cfg, shard=a.shard, progress=not a.no_progress)
-    print(json.dumps({k: summary[k] for k in summary if k != "failures"}, sort_keys=True, default=str))
-    if summary.get("failures"):
-        print(f"{len(summary['failures'])} clip(s) failed:", file=sys.stderr)
-        for f in summary["failures"]: print(f"  {f['clip_id']}: {f['reason']}", file=sys.stderr)
+    lists = ("failures", "computed", "skipped", "recomputed")   # per-clip id lists can hold thousands of ids
+    print(json.dumps({k: v for k, v in summary.items() if k not in lists}, sort_keys=True, default=str))
 
 def _cmd_train(a):
     if not Path(a.features).is_dir(): raise ConfigError(f"{a.features}: feature folder not found (run 'avar-net extract' first)")

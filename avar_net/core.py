@@ -37,6 +37,8 @@ class DecodeError(AvarError):
     def __init__(self, path, reason: str):
         self.path, self.reason = str(path), str(reason)
         super().__init__(f"{self.path}: {self.reason}")
+    def __reduce__(self):   # survives pickling (DataLoader workers, multiprocessing)
+        return (type(self), (self.path, self.reason))
 
 # %% ../nbs/00_core.ipynb #cell-11
 def in_test() -> bool:

@@ -18,7 +18,7 @@ from torch import nn
 __all__ = ['PRECISIONS', 'W2V_DEFAULT', 'W2V_FILES', 'cpu_flags', 'cpu_supports_bf16', 'resolve_precision', 'WeightSpec',
            'parse_weight_spec', 'hub_offline', 'fetch_hub_files', 'pick_weight_file', 'load_state_file', 'random_init',
            'tiny_wav2vec2_config', 'load_wav2vec2', 'conv_geometry', 'conv_out_len', 'chunk_bounds', 'stitch_keep',
-           'Float32Island', 'AudioExtractor']
+           'Float32Island', 'bake_weight_norm', 'cast_matmul_weights', 'AudioExtractor']
 
 # %% ../nbs/03_audio.ipynb #cell-6
 def cpu_flags() -> set[str]:
@@ -227,7 +227,29 @@ class Float32Island(nn.Module):
     def forward(self, x):
         with torch.autocast(x.device.type, enabled=False): return self.module(x.float())
 
-# %% ../nbs/03_audio.ipynb #cell-28
+# %% ../nbs/03_audio.ipynb #cell-27
+def bake_weight_norm(model: nn.Module) -> int:
+    "Replace weight-norm parametrisations by their current value (inference only); returns how many were baked."
+    from torch.nn.utils import parametrize
+    n = 0
+    for mod in list(model.modules()):
+        if parametrize.is_parametrized(mod, "weight"):
+            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True); n += 1
+        elif hasattr(mod, "weight_g") and hasattr(mod, "weight_v"):
+            torch.nn.utils.remove_weight_norm(mod); n += 1
+    return n
+
+def cast_matmul_weights(model: nn.Module, dtype=torch.bfloat16) -> int:
+    """Store the weights of linears and convolutions in `dtype` (for autocast inference: the same rounding autocast
+    applies on every call), except inside `Float32Island`s; norms keep fp32. Returns how many layers were cast."""
+    keep = {id(p) for m in model.modules() if isinstance(m, Float32Island) for p in m.parameters()}
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and id(m.weight) not in keep:
+            m.to(dtype); n += 1
+    return n
+
+# %% ../nbs/03_audio.ipynb #cell-30
 class AudioExtractor:
     """Frozen Wav2Vec2: `features(wave)` -> (times (N,), vectors (N, D) float32); `extract(wave, grid)` -> (T, D).
     `layer` is a hidden-state index (-1 = last; 0 = the transformer's input after the positional convolution)."""
@@ -249,6 +271,8 @@ class AudioExtractor:
         self.precision_used = resolve_precision(precision, self.device)
         if self.precision_used == "bf16":  # first conv + its (group) norm stay in fp32, see above
             model.feature_extractor.conv_layers[0] = Float32Island(model.feature_extractor.conv_layers[0])
+            bake_weight_norm(model)
+            cast_matmul_weights(model, torch.bfloat16)
         self.model = model.to(self.device)
         if chunk_s <= 0 or overlap_s < 0 or overlap_s >= chunk_s:
             raise ConfigError(f"need chunk_s > overlap_s >= 0, got chunk_s={chunk_s}, overlap_s={overlap_s}")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from .core import ConfigError, WeightsError, DataError, sha256_file, auto_device
 from .audio import (parse_weight_spec, resolve_precision, fetch_hub_files, pick_weight_file, load_state_file,
-                            random_init, _quiet_transformers)
+                            random_init, cast_matmul_weights, _quiet_transformers)
 import torch
 from torch import nn
 import torchvision.transforms.v2.functional as TF
@@ -252,6 +252,7 @@ class VideoExtractor:
         if self._fast:
             fold_batchnorm(model)
             model = model.to(memory_format=torch.channels_last)
+            if self._autocast: cast_matmul_weights(model, torch.bfloat16)  # what autocast would cast on every call
         self.precision_used = prec + ("+channels_last" if self._fast else "")
         self.model = model.to(self.device)
 

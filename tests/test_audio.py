@@ -337,3 +337,15 @@ def test_cpu_capability_check_reads_flags(monkeypatch):
     assert au.cpu_supports_bf16()
     monkeypatch.setattr(au, "cpu_flags", lambda: {"amx_bf16", "amx_tile"})
     assert au.cpu_supports_bf16()
+
+
+def test_bf16_weights_stored_once_are_bit_identical_to_autocast(monkeypatch):
+    monkeypatch.setattr(au, "cpu_supports_bf16", lambda: True)
+    fast = AudioExtractor("random-tiny", precision="auto")
+    assert fast.model.encoder.layers[0].attention.q_proj.weight.dtype == torch.bfloat16
+    assert fast.model.encoder.layer_norm.weight.dtype == torch.float32  # norms stay fp32
+    assert fast.model.feature_extractor.conv_layers[0].module.conv.weight.dtype == torch.float32  # the fp32 island
+    plain = AudioExtractor("random-tiny", precision="auto")
+    plain.model.float()
+    w = noise(2.0)
+    np.testing.assert_array_equal(fast.features(w)[1], plain.features(w)[1])

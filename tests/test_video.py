@@ -297,3 +297,13 @@ def test_extract_averages_the_frames_of_each_step():
     V = vx.extract(t, fr, grid)
     assert V.shape == (4, 320) and V.dtype == np.float32
     np.testing.assert_allclose(V, f.reshape(4, 2, -1).mean(1), atol=1e-5)
+
+
+def test_bf16_weights_stored_once_are_bit_identical_to_autocast(monkeypatch):
+    monkeypatch.setattr(au, "cpu_supports_bf16", lambda: True)
+    fast = VideoExtractor("random-tiny", precision="auto")
+    assert fast.model.stem.conv.weight.dtype == torch.bfloat16
+    plain = VideoExtractor("random-tiny", precision="auto")
+    plain.model.float()  # fp32 weights again: autocast casts them on every call
+    fr = frames(3)
+    np.testing.assert_array_equal(fast.features(fr), plain.features(fr))

@@ -391,6 +391,7 @@ class _ClipJob:
         self.path, self.cfg, self.size = Path(path), cfg, size
         self.q: queue.Queue = queue.Queue(maxsize=cfg.queue_chunks)
         self.cancelled = threading.Event()
+        self.audio_go = threading.Event()       # set when the clip becomes current (see `_iter_extract_threads`)
         self.audio_ready = threading.Event()
         self.audio: tuple | None = None
         self.audio_error: BaseException | None = None
@@ -441,6 +442,8 @@ class _ClipJob:
             self._put(("error", e))
 
     def _audio(self, info):
+        while not self.audio_go.wait(0.2):
+            if self.cancelled.is_set(): self.audio_ready.set(); return
         t0 = time.perf_counter()
         try:
             if not info.has_audio: self.audio = (None, False)
@@ -471,6 +474,7 @@ def _run_job(job: _ClipJob, ex: Extractors, cfg: FeatureConfig) -> dict:
     "Consume a `_ClipJob`: video features per chunk into step sums, then audio; returns features and timings."
     t_start = time.perf_counter()
     tm = {"decode_wait_s": 0.0, "video_s": 0.0, "audio_wait_s": 0.0, "audio_s": 0.0}
+    job.audio_go.set()
     try:
         t = time.perf_counter(); item = job.get(); tm["decode_wait_s"] += time.perf_counter() - t
         if item[0] == "error": raise item[1]
@@ -488,6 +492,7 @@ def _run_job(job: _ClipJob, ex: Extractors, cfg: FeatureConfig) -> dict:
             acc.add(np.asarray(grid.index_of(times)), feats)
             n_sampled += len(times)
         t = time.perf_counter(); wave, has_audio = job.wait_audio(); tm["audio_wait_s"] = time.perf_counter() - t
+        job.audio = None                             # the only reference left is ours: freed after its features
         res = _finish_clip(job.path, info, grid, extra, acc, wave, has_audio, job.vrep.usable_until_s,
                            job.vrep.messages + job.arep.messages, ex, cfg, tm, n_sampled)
     finally:

@@ -134,8 +134,8 @@ def tiny_wav2vec2_config(**kw):
 def _w2v_how_to(repo: str, dest: str|None = None) -> Callable[[list[str]], str]:
     dest = dest or f"~/models/{repo.rstrip('/').split('/')[-1]}"
     return lambda missing: (f"on a machine with internet run `huggingface-cli download {repo} config.json model.safetensors "
-        f"preprocessor_config.json --local-dir {dest}` (pytorch_model.bin instead of model.safetensors if the repo "
-        f"has no safetensors), bring {dest} to this machine and pass `--audio-backbone {dest}` "
+        f"preprocessor_config.json --local-dir {dest}` (`hf download` with the same arguments on huggingface_hub >= 1.0; "
+        f"pytorch_model.bin instead of model.safetensors if the repo has no safetensors), bring {dest} to this machine and pass `--audio-backbone {dest}` "
         f"(AudioExtractor(backbone='{dest}'))")
 
 @contextlib.contextmanager

@@ -116,7 +116,8 @@ _HF_RANDOM_PP = {"crop_size": 256, "do_center_crop": True, "do_flip_channel_orde
 
 def _how_to(repo: str, files: str, name: str, dest: str|None = None) -> callable:
     dest = dest or f"~/models/{name}"
-    return lambda missing=None: (f"on a machine with internet run `huggingface-cli download {repo} {files} --local-dir {dest}`, "
+    return lambda missing=None: (f"on a machine with internet run `huggingface-cli download {repo} {files} --local-dir {dest}` "
+                                 f"(`hf download` with the same arguments on huggingface_hub >= 1.0), "
                                  f"bring {dest} to this machine and pass `--video-backbone {dest}` (VideoExtractor(backbone='{dest}'))")
 
 def _timm_create(arch: str, overlay: dict|None = None) -> nn.Module:

@@ -265,7 +265,8 @@ print(json.dumps(res))
 
 def _child_env() -> dict:
     import avar_net
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    import torch
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(torch.get_num_threads()))   # the parent's thread count
     root = str(Path(avar_net.__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
@@ -326,7 +327,9 @@ def _speed_report(t_base: list, t_ours: list, flop: int, roof: dict | None, path
     b, o = median(t_base), median(t_ours)
     bg, og = flop / b / 1e9, flop / o / 1e9
     rf32 = (roof or {}).get("fp32"); rpath = (roof or {}).get("bf16" if "bf16" in path else "fp32")
+    paired = median([ratio(x, y) for x, y in zip(t_base, t_ours)])
     return {"baseline_s": b, "ours_s": o, "speedup": ratio(b, o), "cosine": cos["mean"], "cosine_min": cos["min"],
+            "speedup_paired": paired, "speedup_min": ratio(min(t_base), min(t_ours)),
             "gflop": flop / 1e9, "baseline_gflops": bg, "ours_gflops": og,
             "roofline_fraction": ratio(og, rpath) if rpath else None,
             "roofline_fraction_fp32": ratio(og, rf32) if rf32 else None,
@@ -395,14 +398,14 @@ def bench_wav2vec2(repeats: int = 5, seconds: float = 10.0, device: str = "cpu",
     "Wav2Vec2-base: transformers eager fp32 baseline vs `AudioExtractor(backbone, precision='auto')`, same weights."
     import torch
     from transformers import Wav2Vec2Config, Wav2Vec2Model
-    from avar_net.audio import AudioExtractor
+    from avar_net.audio import AudioExtractor, load_wav2vec2
     ours = AudioExtractor(backbone, device=device, precision="auto")
-    src = _module_of(ours)
-    cfg = getattr(src, "config", None)
-    base_cfg = Wav2Vec2Config() if backbone.startswith("random") and not backbone.startswith("random-tiny") else \
-        Wav2Vec2Config.from_dict(cfg.to_dict())
+    # the same weights, loaded again before our extractor bakes the weight norm and stores bf16 copies
+    src, _, wid, _ = load_wav2vec2(backbone)
+    if wid != ours.weights_id: raise AvarError(f"baseline weights {wid} differ from the extractor's {ours.weights_id}")
+    base_cfg = Wav2Vec2Config() if backbone.split(":")[0] == "random" else Wav2Vec2Config.from_dict(src.config.to_dict())
     base = Wav2Vec2Model(base_cfg)
-    copy_weights(src, base, allow_missing=("masked_spec_embed",))
+    copy_weights(src, base, allow_missing=("masked_spec_embed",)); del src
     base = base.eval().to(device)
     wave = bench_wave(seconds, ours.sr)
     normalize = bool(getattr(ours, "do_normalize", True))
@@ -530,10 +533,29 @@ def _clean(o):
     return o
 
 # %% ../nbs/13_bench.ipynb #cell-47
-def run_bench(quick: bool = False, repeats: int = 5, device: str = "cpu", long_video: bool = True, progress: bool = True) -> dict:
+_SUMMARY_KEYS = ("fp32", "bf16", "speedup", "cosine", "path", "fps", "clip_s_per_wall_s", "overhead", "steps_per_s", "peak_rss_mb")
+
+def _duration(sec: float) -> str:
+    return f"{sec / 60:g}-minute" if sec >= 60 else f"{sec:g}-second"
+
+def _summary(out) -> str:
+    "One progress line for a section's result."
+    if not isinstance(out, Mapping): return f"{len(out)} items" if isinstance(out, (list, tuple)) else ""
+    return ", ".join(f"{k}={_f(out[k], '{:.4g}') if isinstance(out[k], float) else out[k]}" for k in _SUMMARY_KEYS if k in out)
+
+def run_bench(quick: bool = False, repeats: int = 5, device: str = "cpu", long_video: bool = True, progress: bool = True,
+              threads: int | None = None) -> dict:
     "Run every benchmark section side by side (see the table above); one JSON-serialisable dict."
     import torch
     if int(repeats) < 1: raise ConfigError(f"repeats must be >= 1, got {repeats!r}")
+    if threads is not None and int(threads) < 1: raise ConfigError(f"threads must be >= 1, got {threads!r}")
+    old_threads = torch.get_num_threads()
+    if threads: torch.set_num_threads(int(threads))
+    try: return _run_bench(quick, repeats, device, long_video, progress)
+    finally: torch.set_num_threads(old_threads)
+
+def _run_bench(quick, repeats, device, long_video, progress) -> dict:
+    import torch
     s = bench_sizes(quick)
     reps = min(int(repeats), s["max_repeats"]) if s["max_repeats"] else int(repeats)
     log = (lambda *a: print("[bench]", *a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
@@ -542,13 +564,16 @@ def run_bench(quick: bool = False, repeats: int = 5, device: str = "cpu", long_v
     res: dict = {"quick": bool(quick), "repeats": reps, "device": str(device), "cpu_model": mi["cpu_model"],
                  "torch_version": mi["torch_version"], "machine": mi, "load_before": mi["loadavg"],
                  "sizes": {k: v for k, v in s.items()}, "errors": {}, "section_s": {}}
-    if quick: res["note"] = ("QUICK run: tiny inputs, full-size backbones only for the side-by-side comparison, "
+    if quick: res["note"] = ("tiny inputs, full-size backbones only for the side-by-side comparison, "
                              f"long video = {s['long_seconds']:g} s at {s['long_wh'][0]}x{s['long_wh'][1]} with random-tiny "
                              "backbones; these numbers are not comparable with the targets")
 
     def section(name, fn):
         log(f"{name} …"); t0 = time.perf_counter()
-        try: return fn()
+        try:
+            out = fn()
+            log(f"{name} done in {time.perf_counter() - t0:.0f} s: " + _summary(out))
+            return out
         except Exception as e:
             res["errors"][name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
             log(f"{name} FAILED: {res['errors'][name]}")
@@ -577,7 +602,7 @@ def run_bench(quick: bool = False, repeats: int = 5, device: str = "cpu", long_v
             r = extraction_peak_rss(p, dict(audio_backbone=la, video_backbone=lvb, device=device))
             return {"path": str(p), "seconds": s["long_seconds"], "resolution": f"{s['long_wh'][0]}x{s['long_wh'][1]}",
                     "fps": s["long_fps"], "size_mb": p.stat().st_size / 2**20, **r,
-                    "note": ("quick: " if quick else "") + f"{s['long_seconds'] / 60:g}-minute {s['long_wh'][1]}p video, "
+                    "note": ("quick: " if quick else "") + _duration(s["long_seconds"]) + f" {s['long_wh'][1]}p video, "
                             f"backbones {la}/{lvb}, peak RSS of the extracting process (os.wait4 ru_maxrss)"}
         lv = section("long_video", _long)
     res["long_video"] = lv or {"peak_rss_mb": None}
@@ -605,17 +630,22 @@ def format_bench(res: Mapping) -> str:
     if res.get("quick"): out.append("QUICK RUN — " + str(res.get("note", "tiny inputs; not comparable with the targets")))
     lb, la = res.get("load_before") or [None], res.get("load_after") or [None]
     out.append(f"load average (1 min) before / after: {_f(lb[0])} / {_f(la[0])} on {_get(res, 'machine.cpu_count')} cores")
+    ncpu = _get(res, "machine.cpu_count") or 0
+    if ncpu and max(x or 0 for x in (lb[0], la[0])) > ncpu:
+        out.append(f"WARNING: the machine was oversubscribed (load > {ncpu} cores): other processes competed for the cores; "
+                   "absolute rates are low and ratios noisy (see speedup_paired / speedup_min in the JSON)")
     out.append(f"roofline (matmul {_get(res, 'roofline.n')}³): fp32 {_f(res.get('roofline_gflops'), '{:.1f}')} GFLOP/s, "
                f"bf16 {_f(res.get('roofline_bf16_gflops'), '{:.1f}')} GFLOP/s\n")
     rows = []
     for key, name in (("mobilevit", "MobileViT-S 256px"), ("wav2vec2", "Wav2Vec2-base")):
         m = res.get(key) or {}
         rows.append([name, str(m.get("call", "—")), _f(m.get("gflop"), "{:.1f}"), _f(m.get("baseline_s"), "{:.3f}"),
-                     _f(m.get("ours_s"), "{:.3f}"), _f(m.get("speedup"), "{:.2f}x"), _f(m.get("baseline_gflops"), "{:.1f}"),
+                     _f(m.get("ours_s"), "{:.3f}"), _f(m.get("speedup"), "{:.2f}x"),
+                     f"{_f(m.get('speedup_paired'), '{:.2f}')}/{_f(m.get('speedup_min'), '{:.2f}')}", _f(m.get("baseline_gflops"), "{:.1f}"),
                      _f(m.get("ours_gflops"), "{:.1f}"), _f(m.get("baseline_roofline_fraction"), "{:.0%}"),
                      _f(m.get("roofline_fraction"), "{:.0%}"), f"{_f(m.get('cosine'), '{:.4f}')}/{_f(m.get('cosine_min'), '{:.4f}')}",
                      str(m.get("path") or "—")])
-    out.append(_table(rows, ["backbone", "call", "GFLOP", "base s", "ours s", "speedup", "base GF/s", "ours GF/s",
+    out.append(_table(rows, ["backbone", "call", "GFLOP", "base s", "ours s", "speedup", "paired/min", "base GF/s", "ours GF/s",
                              "base %fp32", "ours %roof", "cos mean/min", "path"]))
     out.append("  (%roof = share of the matmul roofline of the precision the path runs in)\n")
     d, p, t, lv = res.get("decode") or {}, res.get("pipeline") or {}, res.get("train") or {}, res.get("long_video") or {}

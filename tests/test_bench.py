@@ -51,6 +51,12 @@ def test_check_targets_thresholds_and_missing_values():
     assert not any(v["met"] for v in t2.values())        # unmeasured = not met
 
 
+def test_run_bench_rejects_bad_arguments():
+    from avar_net.bench import run_bench
+    with pytest.raises(Exception, match="repeats"): run_bench(quick=True, repeats=0)
+    with pytest.raises(Exception, match="threads"): run_bench(quick=True, threads=0)
+
+
 def test_clean_makes_strict_json():
     obj = {"a": float("nan"), "b": [np.float32(1.5), np.int64(3), (1, float("inf"))], "c": Path("/x"), "d": np.bool_(True)}
     out = _clean(obj)
@@ -166,6 +172,9 @@ def test_cli_quick_json_is_one_object_with_every_key(quick_cli):
         assert isinstance(res[m]["path"], str) and res[m]["path"]
         assert -1 <= res[m]["cosine"] <= 1 + 1e-6 and 0 < res[m]["roofline_fraction"]
         assert res[m]["speedup"] == pytest.approx(res[m]["baseline_s"] / res[m]["ours_s"])
+        assert res[m]["baseline_s"] == pytest.approx(float(np.median(res[m]["baseline_runs"])))   # medians of the runs
+        assert len(res[m]["baseline_runs"]) == len(res[m]["ours_runs"]) == 2
+        assert _is_num(res[m]["speedup_paired"]) and _is_num(res[m]["speedup_min"])
         assert res[m]["ours_gflops"] == pytest.approx(res[m]["gflop"] / res[m]["ours_s"])
     assert res["mobilevit"]["cosine"] > 0.9 and res["wav2vec2"]["cosine"] > 0.9    # same weights on both sides
     for k in ("fps", "clip_seconds_per_s"): assert _is_num(res["decode"][k]) and res["decode"][k] > 0

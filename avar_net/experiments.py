@@ -130,10 +130,10 @@ def synth_dataset(params: Mapping, kind: str = "avar", seed: int = 0) -> Path:
     prof = params.get("synth_profile" if kind == "avar" else "xd_profile")
     if not prof: raise ConfigError(f"profile {params.get('profile')!r} has no {'synth_profile' if kind == 'avar' else 'xd_profile'} "
                                    f"and no {'data_root' if kind == 'avar' else 'xd_root'}: give a data folder")
-    from avar_net.synth import generate_synthavar, generate_synthxd
-    root = project_path("data") / f"synth-{kind}-{prof}-seed{seed}"
+    from avar_net.synth import generate_synthavar, generate_synthxd, synth_root
+    root = synth_root(kind, prof, seed)          # the folder 02_synth and the CLI use too: generated once, shared
     gen = generate_synthavar if kind == "avar" else generate_synthxd
-    with file_lock(project_path("data") / "_state" / f"{root.name}.lock"):
+    with file_lock(project_path("data") / "cache" / "_state" / f"{root.name}.lock"):
         gen(root, prof, seed, overwrite=True, workers=_workers())     # a no-op when complete with the same parameters
     return root
 
@@ -184,7 +184,7 @@ def degraded_testsets(params: Mapping, degrades: Sequence, seed: int = 0) -> lis
             atomic_write_json(o / "manifest.json", {"kind": "synthavar-degraded-test", "clean": clean.name, "degrade": d.to_dict(),
                                                     "clips": [c["clip"] for c in clips]})
         return [{"clips": len(clips)} for _ in todo]
-    cached_many([(o, sp) for o, sp, _ in items.values()], build_all, state_dir=project_path("data") / "_state")
+    cached_many([(o, sp) for o, sp, _ in items.values()], build_all, state_dir=project_path("data") / "cache" / "_state")
     return [clean if d.is_clean else clean.parent / f"{clean.name}-{degradation_tag(d)}" for d in degs]
 
 def degraded_testset(params: Mapping, degrade, seed: int = 0) -> Path:

@@ -20,8 +20,7 @@ def ci_run(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("AVAR_DATA_DIR", str(tmp / "data")); mp.setenv("AVAR_RUNS_DIR", str(tmp / "runs"))
     mp.setenv("AVAR_WORKERS", "2")          # notebooks run one at a time here: let them use both cores
-    mp.delenv("AVAR_IN_TEST", raising=False)   # run the notebooks exactly as `avar-net reproduce --profile ci` does
-    mp.delenv("IN_TEST", raising=False)
+    # AVAR_IN_TEST (conftest) stays set: the module notebooks 01/02 take their ci-sized paths, as under nbdev_test
     try:
         m = reproduce("ci", figures_dir=tmp / "figs", runs_dir=tmp / "runs", log=lambda *a: None)
         yield tmp, m, mp

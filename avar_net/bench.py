@@ -11,11 +11,11 @@ import numpy as np
 from .core import ConfigError, AvarError, in_test, project_path
 
 # %% auto #0
-__all__ = ['TARGETS', 'median', 'ratio', 'interleave', 'cosine', 'machine_info', 'matmul_roofline', 'bench_cache_dir',
-           'make_bench_video', 'make_long_video', 'decode_all', 'bench_decode', 'peak_rss_subprocess',
-           'extraction_peak_rss', 'count_flops', 'copy_weights', 'bench_frames', 'bench_wave', 'bench_mobilevit',
-           'bench_wav2vec2', 'bench_pipeline', 'bench_train', 'check_targets', 'bench_sizes', 'bench_clips',
-           'run_bench', 'format_bench', 'efficiency_table', 'roofline_figure']
+__all__ = ['TARGETS', 'median', 'ratio', 'interleave', 'cosine', 'machine_info', 'matmul_fns', 'matmul_roofline',
+           'bench_cache_dir', 'make_bench_video', 'make_long_video', 'decode_all', 'bench_decode',
+           'peak_rss_subprocess', 'extraction_peak_rss', 'count_flops', 'copy_weights', 'bench_frames', 'bench_wave',
+           'bench_mobilevit', 'bench_wav2vec2', 'bench_pipeline', 'bench_train', 'check_targets', 'bench_sizes',
+           'bench_clips', 'run_bench', 'format_bench', 'efficiency_table', 'roofline_figure']
 
 # %% ../nbs/13_bench.ipynb #cell-6
 def median(xs: Sequence[float]) -> float:
@@ -91,18 +91,26 @@ def machine_info(device: str = "cpu") -> dict:
     return info
 
 # %% ../nbs/13_bench.ipynb #cell-15
-def matmul_roofline(n: int = 2048, repeats: int = 5, device: str = "cpu", warmup: int = 1) -> dict:
-    "GFLOP/s of an n×n @ n×n matmul in fp32 and bf16 (median of `repeats`, interleaved) -> {'fp32', 'bf16', 'n', ...}."
+def matmul_fns(n: int = 2048, device: str = "cpu") -> dict[str, Callable[[], Any]]:
+    "{'roof_fp32', 'roof_bf16'}: callables doing one n×n @ n×n product in each precision (2n³ FLOP)."
     import torch
     g = torch.Generator().manual_seed(0)
-    mats = {dt: (torch.randn(n, n, generator=g).to(device=device, dtype=getattr(torch, dt)),
-                 torch.randn(n, n, generator=g).to(device=device, dtype=getattr(torch, dt)))
-            for dt in ("float32", "bfloat16")}
-    with torch.inference_mode():
-        t = interleave({dt: (lambda a=a, b=b: a @ b) for dt, (a, b) in mats.items()}, repeats, warmup, device)
+    fns = {}
+    for key, dt in (("roof_fp32", torch.float32), ("roof_bf16", torch.bfloat16)):
+        a, b = (torch.randn(n, n, generator=g).to(device=device, dtype=dt) for _ in range(2))
+        def f(a=a, b=b):
+            with torch.inference_mode(): return a @ b
+        fns[key] = f
+    return fns
+
+def _roof_rates(t: Mapping[str, list], n: int) -> dict:
     flop = 2.0 * n ** 3
-    return {"fp32": flop / median(t["float32"]) / 1e9, "bf16": flop / median(t["bfloat16"]) / 1e9, "n": int(n),
-            "fp32_s": median(t["float32"]), "bf16_s": median(t["bfloat16"]), "repeats": int(repeats)}
+    return {"fp32": flop / median(t["roof_fp32"]) / 1e9, "bf16": flop / median(t["roof_bf16"]) / 1e9, "n": int(n)}
+
+def matmul_roofline(n: int = 2048, repeats: int = 5, device: str = "cpu", warmup: int = 1) -> dict:
+    "GFLOP/s of an n×n @ n×n matmul in fp32 and bf16 (median of `repeats`, interleaved) -> {'fp32', 'bf16', 'n', ...}."
+    t = interleave(matmul_fns(n, device), repeats, warmup, device)
+    return {**_roof_rates(t, n), "fp32_s": median(t["roof_fp32"]), "bf16_s": median(t["roof_bf16"]), "repeats": int(repeats)}
 
 # %% ../nbs/13_bench.ipynb #cell-18
 def bench_cache_dir() -> Path:
@@ -323,6 +331,12 @@ def copy_weights(src, dst, allow_missing: Sequence[str] = ()) -> list[str]:
     dst.load_state_dict(sd, strict=False)
     return missing
 
+def _timed_with_roofline(fns: dict, repeats: int, warmup: int, device: str, roofline: Mapping | None) -> tuple[dict, dict | None]:
+    "Interleave `fns` with the two roofline matmuls (A B R32 R16 A B …) -> (times, roofline measured in these rounds)."
+    n = (roofline or {}).get("n")
+    t = interleave({**fns, **(matmul_fns(n, device) if n else {})}, repeats, warmup, device)
+    return t, (_roof_rates(t, n) if n else None)
+
 def _speed_report(t_base: list, t_ours: list, flop: int, roof: dict | None, path: str, cos: dict, **extra) -> dict:
     b, o = median(t_base), median(t_ours)
     bg, og = flop / b / 1e9, flop / o / 1e9
@@ -334,7 +348,7 @@ def _speed_report(t_base: list, t_ours: list, flop: int, roof: dict | None, path
             "roofline_fraction": ratio(og, rpath) if rpath else None,
             "roofline_fraction_fp32": ratio(og, rf32) if rf32 else None,
             "baseline_roofline_fraction": ratio(bg, rf32) if rf32 else None,
-            "path": path, "baseline_runs": list(t_base), "ours_runs": list(t_ours), **extra}
+            "path": path, "baseline_runs": list(t_base), "ours_runs": list(t_ours), "roofline_local": roof, **extra}
 
 # %% ../nbs/13_bench.ipynb #cell-31
 def bench_frames(n: int = 16, size: int = 256, seed: int = 0):
@@ -380,9 +394,9 @@ def bench_mobilevit(repeats: int = 5, batch: int = 16, device: str = "cpu", roof
     def run_ours(): last["ours"] = ours.features(frames)
 
     flop = count_flops(forward)
-    t = interleave({"baseline": run_base, "ours": run_ours}, repeats, warmup, device)
+    t, roof = _timed_with_roofline({"baseline": run_base, "ours": run_ours}, repeats, warmup, device, roofline)
     cos = cosine(last["base"].float().cpu().numpy(), np.asarray(last["ours"], np.float32))
-    return _speed_report(t["baseline"], t["ours"], flop, roofline, str(ours.precision_used), cos,
+    return _speed_report(t["baseline"], t["ours"], flop, roof, str(ours.precision_used), cos,
                          call=f"{batch} frames at {ours.input_size} px", batch=batch, size=int(ours.input_size),
                          decode_size=int(ours.decode_size), dim=int(ours.dim),
                          params=sum(p.numel() for p in base.parameters()), weights=str(ours.weights_id),
@@ -419,11 +433,11 @@ def bench_wav2vec2(repeats: int = 5, seconds: float = 10.0, device: str = "cpu",
     def run_ours(): last["ours"] = ours.features(wave)[1]
 
     flop = count_flops(forward)      # under no_grad: the weight-norm parametrisation of the positional conv fails in inference_mode
-    t = interleave({"baseline": run_base, "ours": run_ours}, repeats, warmup, device)
+    t, roof = _timed_with_roofline({"baseline": run_base, "ours": run_ours}, repeats, warmup, device, roofline)
     fb, fo = last["base"].float().cpu().numpy(), np.asarray(last["ours"], np.float32)
     if fb.shape != fo.shape:
         raise AvarError(f"wav2vec2 features differ in shape: baseline {fb.shape}, ours {fo.shape} (chunking should not change {seconds:g} s)")
-    return _speed_report(t["baseline"], t["ours"], flop, roofline, str(ours.precision_used), cosine(fb, fo),
+    return _speed_report(t["baseline"], t["ours"], flop, roof, str(ours.precision_used), cosine(fb, fo),
                          call=f"{seconds:g} s of audio", seconds_audio=float(seconds), dim=int(ours.dim),
                          params=sum(p.numel() for p in base.parameters()), weights=str(ours.weights_id),
                          throughput=seconds / median(t["ours"]), throughput_unit="audio-s/s",
@@ -436,8 +450,11 @@ def bench_pipeline(paths: Sequence, repeats: int = 5, cfg: Mapping | None = None
     fc = FeatureConfig(**dict(cfg or {}))
     ex = build_extractors(fc)
     r = pipeline_overhead([str(p) for p in paths], ex, fc, repeats=repeats, warmup=warmup)
+    pr, br = r.get("pipeline_runs") or [], r.get("backbones_runs") or []
     return {"clip_s_per_wall_s": ratio(r["clip_seconds"], r["pipeline_s"]), "pipeline_s": r["pipeline_s"],
             "backbones_s": r["backbones_s"], "overhead": r["ratio"], "clip_seconds": r["clip_seconds"],
+            "overhead_paired": median([ratio(a, b) for a, b in zip(pr, br)]) if pr and br else None,
+            "overhead_min": ratio(min(pr), min(br)) if pr and br else None,
             "clips": len(paths), "mode": r.get("pipeline"), "pipeline_runs": r.get("pipeline_runs"),
             "backbones_runs": r.get("backbones_runs"), "repeats": int(repeats),
             "backbones": ex.backbones(fc), "config": {k: v for k, v in fc.to_dict().items()}}
@@ -653,6 +670,7 @@ def format_bench(res: Mapping) -> str:
                f"{_f(d.get('clip_seconds_per_s'), '{:.1f}')} clip-s/s (single thread {_f(d.get('fps_single_thread'), '{:.0f}')} frames/s)")
     out.append(f"pipeline   {_f(p.get('clip_s_per_wall_s'), '{:.2f}')} clip-s per wall-s; {_f(p.get('pipeline_s'), '{:.2f}')} s vs "
                f"backbones alone {_f(p.get('backbones_s'), '{:.2f}')} s -> overhead {_f(res.get('pipeline_overhead'), '{:.3f}x')} "
+               f"(paired {_f(p.get('overhead_paired'), '{:.3f}')}, min {_f(p.get('overhead_min'), '{:.3f}')}) "
                f"({p.get('clips', '?')} clips, {p.get('mode', '?')} path)")
     out.append(f"train      {t.get('model', 'AVARNet')} batch {t.get('batch', '?')} x {t.get('steps', '?')} steps: "
                f"{_f(t.get('steps_per_s'), '{:.2f}')} steps/s ({_f(t.get('clips_per_s'), '{:.1f}')} clips/s)")
@@ -729,11 +747,19 @@ def roofline_figure(res: Mapping):
         if math.isfinite(v): ax.annotate(f"{v:.0f}\n{pth}", (rect.get_x() + rect.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
     for rect, v in zip(b1, base):
         if math.isfinite(v): ax.annotate(f"{v:.0f}", (rect.get_x() + rect.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
-    for key, ls, lab in (("roofline_gflops", "--", "fp32 matmul roofline"), ("roofline_bf16_gflops", ":", "bf16 matmul roofline")):
-        v = _num(res.get(key))
-        if math.isfinite(v): ax.axhline(v, ls=ls, color="k", lw=1, label=f"{lab} ({v:.0f})")
+    # ceilings: the rooflines measured in the same rounds as each backbone (the roofline section's for training)
+    locs = [(res.get(k) or {}).get("roofline_local") or {} for k in ("mobilevit", "wav2vec2")]
+    locs.append({"fp32": res.get("roofline_gflops"), "bf16": res.get("roofline_bf16_gflops")})
+    for dt, ls in (("fp32", "--"), ("bf16", ":")):
+        label = f"{dt} matmul roofline (measured alongside)"
+        for i, loc in enumerate(locs):
+            v = _num(loc.get(dt))
+            if math.isfinite(v):
+                ax.hlines(v, i - 0.48, i + 0.48, colors="k", linestyles=ls, lw=1, label=label)
+                ax.annotate(f"{dt} {v:.0f}", (i + 0.48, v), ha="right", va="bottom", fontsize=6)
+                label = None                                  # one legend entry per precision
     ax.set_xticks(x, names); ax.set_ylabel("achieved GFLOP/s")
-    top = np.nanmax([*np.nan_to_num(base), *np.nan_to_num(ours), _num(res.get("roofline_bf16_gflops")), 1.0])
+    top = np.nanmax([*np.nan_to_num(base), *np.nan_to_num(ours), *[_num(l.get("bf16")) for l in locs], 1.0])
     ax.set_ylim(0, 1.25 * top)
     dev = res.get("cpu_model") if str(res.get("device", "cpu")) == "cpu" else _get(res, "machine.gpu_name")
     ax.set_title(f"Achieved rate vs the machine's limit — {dev}" + (" (quick run)" if res.get("quick") else ""), fontsize=9)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json, math, dataclasses
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from .fusion import FUSIONS, LateFusion, make_fusion, check_inputs
 from .mtcn import TEMPORAL, MTCN, clip_logits, anomaly_logits, mil_topk, clip_loss, mil_loss
 
 # %% auto #0
-__all__ = ['TASKS', 'AVARNetConfig', 'AVARNet']
+__all__ = ['TASKS', 'AVARNetConfig', 'FeatureScaler', 'AVARNet']
 
 # %% ../nbs/08_model.ipynb #cell-6
 TASKS = ("clip", "xd")
@@ -38,6 +38,7 @@ class AVARNetConfig:
     dropout: float = 0.5
     smooth_weight: float = 0.15
     tau: float = 4.0
+    standardize: bool = True
 
     def __post_init__(self): self.validate()
 
@@ -56,6 +57,8 @@ class AVARNetConfig:
         for n in ("audio_dim", "video_dim", "num_stages", "num_layers", "num_f_maps"): pos_int(n)
         pos_int("num_classes", 2)
         if self.proj_dim is not None: pos_int("proj_dim")
+        if not isinstance(self.standardize, bool):
+            raise ConfigError(f"AVARNetConfig.standardize must be true or false, got {self.standardize!r}")
         num("dropout", 0.0, 1.0); num("smooth_weight", 0.0); num("tau", 0.0, lo_open=True)
         for name, allowed in (("task", TASKS), ("fusion", FUSIONS), ("temporal", tuple(TEMPORAL))):
             if getattr(self, name) not in allowed:
@@ -81,6 +84,37 @@ def _temporal(cfg: AVARNetConfig, in_dim: int) -> nn.Module:
     if cfg.temporal == "mtcn": kw.update(num_stages=cfg.num_stages, num_layers=cfg.num_layers)
     return TEMPORAL[cfg.temporal](in_dim, cfg.num_classes, **kw)
 
+class FeatureScaler(nn.Module):
+    """Per-dimension standardisation of the two feature streams, `(x - mean) / std`, with statistics of the training
+    split held as buffers (saved with the model). Unfitted it is the identity; `fit` sets it; padded steps stay 0."""
+    VAR_FLOOR = 1e-2   # a dimension's variance is floored at this fraction of its modality's mean variance
+
+    def __init__(self, audio_dim: int, video_dim: int):
+        super().__init__()
+        for m, d in (("audio", audio_dim), ("video", video_dim)):
+            self.register_buffer(f"{m}_mean", torch.zeros(d)); self.register_buffer(f"{m}_std", torch.ones(d))
+        self.register_buffer("fitted_steps", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def fit(self, audio: Sequence, video: Sequence) -> "FeatureScaler":
+        "Set the statistics from per-clip arrays `audio[i] (T_i, Da)`, `video[i] (T_i, Dv)` (float64 sums: order-free)."
+        import numpy as np
+        n = sum(int(np.shape(a)[0]) for a in audio)
+        if n < 2 or len(audio) != len(video): raise DataError(f"FeatureScaler.fit needs >= 2 steps and as many audio as video clips, got {n} steps, {len(audio)}/{len(video)} clips")
+        for m, xs in (("audio", audio), ("video", video)):
+            x = np.concatenate([np.asarray(a, dtype=np.float64) for a in xs], 0)
+            if x.shape[1] != getattr(self, f"{m}_mean").numel(): raise DataError(f"FeatureScaler.fit: {m} features have {x.shape[1]} dims, expected {getattr(self, f'{m}_mean').numel()}")
+            if not np.isfinite(x).all(): raise DataError(f"FeatureScaler.fit: {m} features contain NaN or Inf")
+            mean, var = x.mean(0), x.var(0)
+            std = np.sqrt(var + self.VAR_FLOOR * var.mean() + 1e-12)
+            getattr(self, f"{m}_mean").copy_(torch.from_numpy(mean)); getattr(self, f"{m}_std").copy_(torch.from_numpy(std))
+        self.fitted_steps.fill_(n)
+        return self
+
+    def forward(self, audio: torch.Tensor, video: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = mask.unsqueeze(-1).to(audio.dtype)
+        return (audio - self.audio_mean) / self.audio_std * m, (video - self.video_mean) / self.video_std * m
+
 class AVARNet(nn.Module):
     "Features → fusion → temporal model → heads. `AVARNet(cfg)`; `forward(audio, video, mask) -> dict`."
     def __init__(self, cfg: AVARNetConfig | Mapping | None = None):
@@ -88,6 +122,7 @@ class AVARNet(nn.Module):
         cfg = AVARNetConfig() if cfg is None else cfg
         self.cfg = (AVARNetConfig.from_dict(cfg) if isinstance(cfg, Mapping) else dataclasses.replace(cfg)).validate()
         self.late = self.cfg.fusion == "late"
+        if self.cfg.standardize: self.scaler = FeatureScaler(self.cfg.audio_dim, self.cfg.video_dim)
         self.fusion = make_fusion(self.cfg.fusion, self.cfg.audio_dim, self.cfg.video_dim, self.cfg.proj_dim)
         if self.late:
             self.temporal = nn.ModuleDict({m: _temporal(self.cfg, d) for m, d in zip(("audio", "video"), self.fusion.out_dim)})
@@ -97,6 +132,7 @@ class AVARNet(nn.Module):
     def forward(self, audio: torch.Tensor, video: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, Any]:
         mask = check_inputs(audio, video, mask, self.cfg.audio_dim, self.cfg.video_dim)
         if not mask.any(1).all(): raise DataError("every clip needs at least one valid step (a mask row is all False)")
+        if self.cfg.standardize: audio, video = self.scaler(audio, video, mask)
         out = {}
         if self.late:
             a, v = self.fusion(audio, video, mask)

@@ -233,7 +233,7 @@ K = "temporal.stage1.conv_1x1.weight"
     ("missing", rf"missing tensors \['{K}'\]"),
     ("nan", rf"tensor '{K}' contains NaN or Inf"),
     ("config_vs_meta", r"saved with a different config than .*config.json: num_f_maps: 8 \(tensors\) vs 16 \(config.json\)"),
-    ("config_no_meta", r"tensor 'fusion.audio_norm.weight' expected float32 \(13,\) \(from config.json\), found float32 \(12,\)"),
+    ("config_no_meta", r"tensor 'scaler.audio_mean' expected float32 \(13,\) \(from config.json\), found float32 \(12,\)"),
     ("layers_no_meta", r"missing tensors \['temporal.stage1.layers.3.conv_1x1.bias'"),
     ("unknown_key", r"config.json: unknown AVARNetConfig keys \['hidden_size'\]"),
     ("bad_value", r"config.json: AVARNetConfig.fusion must be one of"),

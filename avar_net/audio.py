@@ -128,8 +128,8 @@ _W2V_FE_DEFAULT = {"do_normalize": True, "sampling_rate": 16000, "feature_size":
 def tiny_wav2vec2_config(**kw):
     "A tiny group-norm Wav2Vec2 config with the real 7-layer conv stack geometry (320× downsampling)."
     from transformers import Wav2Vec2Config
-    return Wav2Vec2Config(**{**dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, feat_extract_norm="group"), **kw})
+    return Wav2Vec2Config(**{**dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        conv_dim=(64,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, feat_extract_norm="group"), **kw})
 
 def _w2v_how_to(repo: str, dest: str|None = None) -> Callable[[list[str]], str]:
     dest = dest or f"~/models/{repo.rstrip('/').split('/')[-1]}"

@@ -145,7 +145,7 @@ def load_timm_mobilevit(backbone: str = "mobilevit_s"):
     import timm
     spec = parse_weight_spec(backbone)
     if spec.is_random:
-        arch, overlay = ("mobilevit_s", None) if spec.kind == "random" else ("mobilevit_xxs", {"input_size": (3, 64, 64)})
+        arch, overlay = ("mobilevit_s", None) if spec.kind == "random" else ("mobilevit_xxs", {"input_size": (3, 128, 128)})
         model = random_init(lambda: _timm_create(arch, overlay), spec.seed)
         wid, sha = f"{spec.kind}:{spec.seed}", None
     elif spec.kind == "hub":

@@ -155,9 +155,9 @@ def test_hub_id_from_local_cache(tmp_path, monkeypatch, no_network):
 def test_tiny_shapes_and_times():
     ex = AudioExtractor("random-tiny")
     times, feats = ex.features(noise(2.5))
-    assert feats.shape == ((40000 - 400) // 320 + 1, 32) and feats.dtype == np.float32
+    assert feats.shape == ((40000 - 400) // 320 + 1, 64) and feats.dtype == np.float32
     np.testing.assert_allclose(times, 0.0125 + 0.02 * np.arange(len(feats)), atol=1e-12)
-    assert (ex.hop, ex.receptive_field, ex.dim, ex.sr) == (320, 400, 32, 16000)
+    assert (ex.hop, ex.receptive_field, ex.dim, ex.sr) == (320, 400, 64, 16000)
 
 
 def test_full_size_random_dims():
@@ -290,9 +290,9 @@ def test_bad_and_short_inputs():
     bad = noise(1.0); bad[5] = np.nan
     with pytest.raises(DataError, match="NaN"): ex.features(bad)
     t, f = ex.features(noise(0.005))  # shorter than one receptive field: padded to 25 ms -> one vector
-    assert f.shape == (1, 32) and t[0] == pytest.approx(0.0125)
+    assert f.shape == (1, 64) and t[0] == pytest.approx(0.0125)
     t2, f2 = ex.features(torch.from_numpy(noise(1.0)))  # torch input accepted
-    assert f2.shape == (49, 32)
+    assert f2.shape == (49, 64)
 
 
 def test_extract_pools_onto_the_grid():
@@ -301,7 +301,7 @@ def test_extract_pools_onto_the_grid():
     times, feats = ex.features(w)
     grid = TimeGrid.for_duration(3.1, 0.25)
     A = ex.extract(w, grid)
-    assert A.shape == (grid.T, 32) and A.dtype == np.float32
+    assert A.shape == (grid.T, 64) and A.dtype == np.float32
     for k in range(grid.T):
         sel = (times >= grid.starts[k]) & (times < grid.starts[k] + 0.25)
         np.testing.assert_allclose(A[k], feats[sel].mean(0), atol=1e-5)

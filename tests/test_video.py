@@ -59,7 +59,7 @@ def test_tiny_shapes():
     vx = VideoExtractor("random-tiny")
     f = vx.features(frames(5))
     assert f.shape == (5, 320) and f.dtype == np.float32
-    assert (vx.dim, vx.input_size, vx.arch, vx.weights_id) == (320, 64, "mobilevit_xxs", "random-tiny:0")
+    assert (vx.dim, vx.input_size, vx.arch, vx.weights_id) == (320, 128, "mobilevit_xxs", "random-tiny:0")
     assert vx.features(torch.zeros(0, 3, 64, 64, dtype=torch.uint8)).shape == (0, 320)
     assert vx.features(frames(2).numpy()).shape == (2, 320)  # numpy input accepted
 

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--profile", default="tiny", help="size profile: tiny (CI, < 1 min) or small (notebook results)")
     s.add_argument("--seed", type=int, default=0, help="generator seed; the same seed gives identical clips")
     s.add_argument("--kind", choices=["avar", "xd"], default="avar", help="SynthAVAR (clip labels) or SynthXD (untrimmed, frame annotations)")
+    s.add_argument("--clips-per-class", type=int, default=None,
+                   help="SynthAVAR clips per class (>= 3; default: the profile's, tiny 4 and small 30)")
 
     e = sub.add_parser("extract", help="extract Wav2Vec2 + MobileViT features into a cache", formatter_class=F,
                        description="Decode every clip of DATA_ROOT (VAAR layout with splits.csv, or XD layout with train.list/test.list), "
@@ -72,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--temporal", default="mtcn", choices=["mtcn", "meanpool", "bigru", "transformer"])
     t.add_argument("--num-stages", type=int, default=4); t.add_argument("--num-layers", type=int, default=10)
     t.add_argument("--num-f-maps", type=int, default=64); t.add_argument("--dropout", type=float, default=0.5)
+    t.add_argument("--no-standardize", action="store_true",
+                   help="feed raw features (default: each feature dimension standardised with training-split statistics)")
     t.add_argument("--device", default="auto"); t.add_argument("--resume", action="store_true", help="continue an interrupted run")
     t.add_argument("--no-progress", action="store_true")
 
@@ -137,7 +141,7 @@ def _print_json(obj): print(json.dumps(obj, indent=2, sort_keys=True, default=st
 
 def _cmd_synth(a):
     from avar_net.synth import synth_cli
-    synth_cli(a.out_dir, profile=a.profile, seed=a.seed, kind=a.kind)
+    synth_cli(a.out_dir, profile=a.profile, seed=a.seed, kind=a.kind, clips_per_class=a.clips_per_class)
 
 def _cmd_extract(a):
     if not Path(a.data_root).is_dir(): raise ConfigError(f"{a.data_root}: data root is not a folder")
@@ -155,7 +159,7 @@ def _cmd_train(a):
     tc = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, optimizer=a.optimizer, weight_decay=a.weight_decay,
                      schedule=a.schedule, seed=a.seed, class_weights=a.class_weights, patience=a.patience, device=a.device)
     mc = dict(fusion=a.fusion, temporal=a.temporal, num_stages=a.num_stages, num_layers=a.num_layers,
-              num_f_maps=a.num_f_maps, dropout=a.dropout)
+              num_f_maps=a.num_f_maps, dropout=a.dropout, standardize=not a.no_standardize)
     res = train(a.features, a.run_dir, model_cfg=mc, train_cfg=tc, resume=a.resume, progress=not a.no_progress)
     _print_json(res)
 

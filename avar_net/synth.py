@@ -1107,10 +1107,14 @@ def synth_root(kind: str = "avar", profile: str = "small", seed: int = 0) -> Pat
     return project_path("data") / f"synth{kind}_{profile}_s{_check_seed(seed)}"
 
 # %% ../nbs/02_synth.ipynb #cell-52
-def synth_cli(out_dir, profile: str = "tiny", seed: int = 0, kind: str = "avar", workers: int = 1) -> Path:
+def synth_cli(out_dir, profile: str = "tiny", seed: int = 0, kind: str = "avar", workers: int = 1,
+              clips_per_class: int | None = None) -> Path:
     "Generate SynthAVAR (`kind='avar'`) or SynthXD (`kind='xd'`) into `out_dir`, print a one-line summary, return the root."
+    if clips_per_class is not None and kind != "avar":
+        raise ConfigError("clips_per_class (--clips-per-class) applies to SynthAVAR only (--kind avar)")
     if kind == "avar":
-        root, st = _generate_synthavar(out_dir, profile, seed, workers=workers)
+        over = {} if clips_per_class is None else {"clips_per_class": clips_per_class}
+        root, st = _generate_synthavar(out_dir, profile, seed, workers=workers, **over)
         what = f"SynthAVAR {profile} seed {seed}: {st['clips']} clips (train {st['counts']['train']} / val {st['counts']['val']} / test {st['counts']['test']})"
     elif kind == "xd":
         root, st = _generate_synthxd(out_dir, profile, seed, workers=workers)

@@ -286,7 +286,7 @@ def _device(params: Mapping) -> str:
     from avar_net.core import auto_device
     return auto_device(params.get("device") or "auto").type
 
-TRAIN_LR = {"ci": 3e-3, "demo": 2e-3, "full": 5e-4}
+TRAIN_LR = {p: v["lr"] for p, v in PROFILES.items()}   # the profiles' learning rates (kept for older callers)
 
 def train_eval(features, params: Mapping, seed: int, model_overrides: Mapping | None = None, run_name: str | None = None,
                train_overrides: Mapping | None = None, splits: Sequence[str] = ("val", "test")) -> dict:

@@ -22,13 +22,13 @@ _COMMON = dict(device="auto", step_s=0.25, frames_per_step=1)
 PROFILES: dict[str, dict] = {
     "ci": dict(_COMMON, profile="ci", synth_profile="tiny", xd_profile="tiny", data_root=None, xd_root=None,
                audio_backbone="random-tiny", video_backbone="random-tiny", seeds=[0], epochs=4, batch_size=8,
-               num_layers=4, bench_quick=True),
+               lr=3e-3, num_layers=4, bench_quick=True),
     "demo": dict(_COMMON, profile="demo", synth_profile="small", xd_profile="small", data_root=None, xd_root=None,
                  audio_backbone="random-tiny", video_backbone="random-tiny", seeds=[0, 1, 2], epochs=25, batch_size=16,
-                 num_layers=10, bench_quick=False),
+                 lr=2e-3, num_layers=6, bench_quick=False),
     "full": dict(_COMMON, profile="full", synth_profile=None, xd_profile=None, data_root=None, xd_root=None,
                  audio_backbone="facebook/wav2vec2-base-960h", video_backbone="mobilevit_s", seeds=[0, 1, 2, 3, 4],
-                 epochs=50, batch_size=16, num_layers=10, bench_quick=False),
+                 epochs=50, batch_size=16, lr=5e-4, num_layers=10, bench_quick=False),
 }
 
 def profile_params(profile: str, **overrides) -> dict:

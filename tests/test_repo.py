@@ -56,3 +56,12 @@ def test_sync_check_detects_drift(tmp_path):
     ref = tmp_path / "ref"; ref.mkdir(); _copy_tree(ref); shutil.rmtree(ref / "avar_net")
     subprocess.run(["nbdev_export"], cwd=ref, check=True, capture_output=True)
     assert "core.py" in _shallow_is_not_enough(tmp_path / "avar_net", ref / "avar_net")
+
+
+def test_top_level_layout():
+    "The layout the project promises: nbs, avar_net, data, figures, tests, settings.ini, environment.yml, README.md — all tracked."
+    import subprocess
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    top = {p.split("/")[0] for p in tracked}
+    assert {"nbs", "avar_net", "data", "figures", "tests", "settings.ini", "environment.yml", "README.md"} <= top, top
+    assert "data/README.md" in tracked

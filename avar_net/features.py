@@ -118,7 +118,10 @@ class Extractors:
     def resolved(self) -> dict:
         return {"audio_weights": self.audio.weights_id, "video_weights": self.video.weights_id, "size": int(self.size),
                 "audio_precision": self.audio.precision_used, "video_precision": self.video.precision_used,
-                "audio_chunk_s": getattr(self.audio, "chunk_s", None), "audio_overlap_s": getattr(self.audio, "overlap_s", None)}
+                "audio_chunk_s": getattr(self.audio, "chunk_s", None), "audio_overlap_s": getattr(self.audio, "overlap_s", None),
+                # the architecture, not only the weights id: 'random-tiny:0' names different networks in different versions
+                "audio_dim": int(self.audio.dim), "video_dim": int(self.video.dim),
+                "video_input_size": int(getattr(self.video, "input_size", self.size))}
 
     def backbones(self, cfg: FeatureConfig) -> dict:
         "Manifest entry: spec, weights id, feature size, precision and (when the extractor says) full preprocessing."

@@ -810,8 +810,14 @@ def _resolve_label(value: str, where: str) -> int:
     if v.lower() in names: return names[v.lower()]
     raise DataError(f"{where}: unknown class {v!r}; expected one of {VAAR_CLASSES} or an index")
 
-def read_vaar(root) -> list[ClipRecord]:
-    "Records of a VAAR-layout folder (ROOT/<Class>/<clip>.<ext> + ROOT/splits.csv), validated."
+def _check_missing(missing: str) -> None:
+    if missing not in ("error", "keep"): raise ConfigError(f"missing must be 'error' or 'keep', got {missing!r}")
+
+def read_vaar(root, missing: str = "error") -> list[ClipRecord]:
+    """Records of a VAAR-layout folder (ROOT/<Class>/<clip>.<ext> + ROOT/splits.csv), validated. A listed clip that is
+    not on disk is a `DataError` with `missing='error'`; with `missing='keep'` its record is kept (feature extraction
+    then records that one clip as failed, 'file not found', and goes on)."""
+    _check_missing(missing)
     root = Path(root)
     f = root / "splits.csv"
     if not root.is_dir(): raise DataError(f"{root}: dataset folder not found")
@@ -820,8 +826,8 @@ def read_vaar(root) -> list[ClipRecord]:
         rows = list(csv.reader(fh))
     if not rows: raise DataError(f"{f}: empty file")
     head = [h.strip().lower() for h in rows[0]]
-    missing = [c for c in ("clip", "label", "split") if c not in head]
-    if missing: raise DataError(f"{f}: missing column(s) {missing}; header is {rows[0]}")
+    absent = [c for c in ("clip", "label", "split") if c not in head]
+    if absent: raise DataError(f"{f}: missing column(s) {absent}; header is {rows[0]}")
     ic, il, is_ = head.index("clip"), head.index("label"), head.index("split")
     recs, seen = [], {}
     for n, row in enumerate(rows[1:], start=2):
@@ -832,7 +838,8 @@ def read_vaar(root) -> list[ClipRecord]:
         label = _resolve_label(row[il], where)
         if split not in SPLITS: raise DataError(f"{where}: unknown split {row[is_]!r}; expected one of {SPLITS}")
         p = root / rel
-        if not rel or not p.is_file(): raise DataError(f"{where}: listed clip {rel!r} not found at {p}")
+        if not rel: raise DataError(f"{where}: empty clip path")
+        if missing == "error" and not p.is_file(): raise DataError(f"{where}: listed clip {rel!r} not found at {p}")
         parts = Path(rel).parts
         if len(parts) > 1:
             folder = {c.lower(): i for i, c in enumerate(VAAR_CLASSES)}.get(parts[0].lower())
@@ -963,8 +970,10 @@ def xd_frame_gt(names: Sequence[str], n_frames, annotations: dict[str, list[tupl
         gts.append(gt)
     return np.concatenate(gts) if gts else np.zeros(0)
 
-def read_xd(root) -> list[ClipRecord]:
-    "Records of an XD-Violence folder: ROOT/train.list and ROOT/test.list (paths relative to ROOT); label 1 violent, 0 normal."
+def read_xd(root, missing: str = "error") -> list[ClipRecord]:
+    """Records of an XD-Violence folder: ROOT/train.list and ROOT/test.list (paths relative to ROOT); label 1 violent,
+    0 normal. `missing` as in `read_vaar`."""
+    _check_missing(missing)
     root = Path(root)
     recs, seen = [], {}
     for split in ("train", "test"):
@@ -972,7 +981,7 @@ def read_xd(root) -> list[ClipRecord]:
         if not lst.exists(): raise DataError(f"{lst}: missing (the XD-Violence layout needs train.list and test.list)")
         for rel in read_xd_list(lst):
             p = root / rel
-            if not p.is_file(): raise DataError(f"{lst}: listed video {rel!r} not found at {p}")
+            if missing == "error" and not p.is_file(): raise DataError(f"{lst}: listed video {rel!r} not found at {p}")
             v = xd_is_violent(rel)
             cid = xd_stem(rel)
             if cid in seen: raise DataError(f"{lst}: video {cid} listed twice (also in {seen[cid]}.list)")

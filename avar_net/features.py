@@ -199,7 +199,7 @@ def list_clips(root, cfg: FeatureConfig | None = None) -> tuple[str, list[ClipIt
         raise ConfigError(f"{root}: {layout.upper()} layout but xd={cfg.xd}; "
                           + ("pass --xd (FeatureConfig(xd=True)) for XD-Violence folders" if layout == "xd"
                              else "the XD grid (--xd) needs an XD-Violence folder (train.list/test.list)"))
-    recs = read_vaar(root) if layout == "vaar" else read_xd(root)
+    recs = (read_vaar if layout == "vaar" else read_xd)(root, missing="keep")   # a missing file fails alone, at decoding
     rels = [_relpath(r.path, root) for r in recs]
     if len(set(rels)) != len(rels):
         dup = sorted({x for x in rels if rels.count(x) > 1})[:3]

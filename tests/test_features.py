@@ -179,7 +179,7 @@ def test_features_with_nan_fail_the_clip_not_the_run(synth_root, ex, tmp_path, m
 # --------------------------------------------------------------------------------------------------------- bad inputs
 @pytest.fixture(scope="module")
 def mixed_root(synth_root, tmp_path_factory):
-    "The synth set plus a zero-byte file, a text file named .mp4, a truncated mp4 and a truncated (decodable) mkv."
+    "The synth set plus a zero-byte file, a text file named .mp4, a truncated mp4, a truncated (decodable) mkv and a listed file that is not there."
     from avar_net.synth import render_clip, write_mp4
     root = tmp_path_factory.mktemp("mixed") / "avar"
     shutil.copytree(synth_root, root)
@@ -192,7 +192,7 @@ def mixed_root(synth_root, tmp_path_factory):
     frames, audio, fps, sr = render_clip(4, seed=7, size=64, duration_s=3.0, fps=10)
     write_mp4(d / "long.mkv", frames, fps, audio, sr)
     b = (d / "long.mkv").read_bytes(); (d / "truncated_mkv.mkv").write_bytes(b[: int(len(b) * 0.6)]); (d / "long.mkv").unlink()
-    for name in ("zero_bytes.mp4", "not_a_video.mp4", "truncated_mp4.mp4", "truncated_mkv.mkv"):
+    for name in ("zero_bytes.mp4", "not_a_video.mp4", "truncated_mp4.mp4", "truncated_mkv.mkv", "deleted.mp4"):
         rows.append({"clip": f"Explosion/{name}", "label": "4", "split": "train"})
     with open(root / "splits.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["clip", "label", "split"]); w.writeheader(); w.writerows(rows)
@@ -204,14 +204,14 @@ def test_mixed_good_and_bad_files_finishes(mixed_root, reference, ex, tmp_path, 
     out = tmp_path / "f"
     s = extract_dataset(mixed_root, out, FeatureConfig(**TINY), progress=False, extractors=ex)
     failed = {f["source"]: f["reason"] for f in s["failures"]}
-    assert set(failed) == {"Explosion/zero_bytes.mp4", "Explosion/not_a_video.mp4", "Explosion/truncated_mp4.mp4"}
-    assert "empty file" in failed["Explosion/zero_bytes.mp4"]
+    assert set(failed) == {"Explosion/zero_bytes.mp4", "Explosion/not_a_video.mp4", "Explosion/truncated_mp4.mp4", "Explosion/deleted.mp4"}
+    assert "empty file" in failed["Explosion/zero_bytes.mp4"] and "file not found" in failed["Explosion/deleted.mp4"]
     assert all(r and "\n" not in r for r in failed.values())
     assert s["n_computed"] == 13 and s["complete"]             # the 12 good clips + the decodable part of the mkv
     err = capsys.readouterr().err
-    assert "3 of 16 clip(s) failed" in err and all(src in err for src in failed)
+    assert "4 of 17 clip(s) failed" in err and all(src in err for src in failed)
     m = json.loads((out / "manifest.json").read_text())
-    assert {f["source"] for f in m["failures"]} == set(failed) and m["counts"] == {"ok": 13, "failed": 3, "stale": 0, "missing": 0}
+    assert {f["source"] for f in m["failures"]} == set(failed) and m["counts"] == {"ok": 13, "failed": 4, "stale": 0, "missing": 0}
     # the truncated mkv: features for the part that decodes, and the record says what was lost
     r = json.loads(status_file(out, "Explosion__truncated_mkv").read_text())
     assert r["status"] == "ok" and r["warnings"] and r["duration_s"] < r["declared_duration_s"]
@@ -225,7 +225,7 @@ def test_mixed_good_and_bad_files_finishes(mixed_root, reference, ex, tmp_path, 
         assert torch.equal(ref.load(rec["clip_id"])["video"], st.load(rec["clip_id"])["video"])
     # failed clips are retried on the next run, finished ones are not
     s2 = extract_dataset(mixed_root, out, FeatureConfig(**TINY), progress=False, extractors=ex, report=False)
-    assert s2["n_skipped"] == 13 and s2["n_failed"] == 3
+    assert s2["n_skipped"] == 13 and s2["n_failed"] == 4
 
 
 def test_decode_time_limit(synth_root, ex, tmp_path, monkeypatch):
@@ -265,7 +265,7 @@ def test_loader_pipeline_on_cpu(mixed_root, reference, ex, workers, tmp_path):
     assert cfg.use_loader()
     out = tmp_path / "f"
     s = extract_dataset(mixed_root, out, cfg, progress=False, extractors=ex, report=False)
-    assert s["n_computed"] == 13 and s["n_failed"] == 3 and s["config_key"] == reference[1]["config_key"]
+    assert s["n_computed"] == 13 and s["n_failed"] == 4 and s["config_key"] == reference[1]["config_key"]
     ref, st = FeatureStore(reference[0]), FeatureStore(out)
     for rec in ref.records():
         a, b = ref.load(rec["clip_id"]), st.load(rec["clip_id"])
@@ -318,3 +318,12 @@ def test_store_without_manifest(reference, tmp_path):
     assert st.manifest_source == "status" and len(st) == 12 and st.verify()["bad"] == []
     with pytest.raises(DataError, match="not a feature folder"):
         FeatureStore(tmp_path)
+
+
+def test_readers_refuse_a_missing_listed_file_unless_asked(mixed_root):
+    "Validation (the default) names the missing file; extraction keeps its record so that clip alone fails."
+    from avar_net.data import read_vaar
+    with pytest.raises(DataError, match="listed clip 'Explosion/deleted.mp4' not found"): read_vaar(mixed_root)
+    recs = read_vaar(mixed_root, missing="keep")
+    assert [r for r in recs if r.path.name == "deleted.mp4"] and len(recs) == len(_splits(mixed_root))
+    with pytest.raises(ConfigError, match="missing must be"): read_vaar(mixed_root, missing="skip")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json, math, dataclasses
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -96,19 +96,28 @@ class FeatureScaler(nn.Module):
         self.register_buffer("fitted_steps", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def fit(self, audio: Sequence, video: Sequence) -> "FeatureScaler":
-        "Set the statistics from per-clip arrays `audio[i] (T_i, Da)`, `video[i] (T_i, Dv)` (float64 sums: order-free)."
+    def fit(self, clips: Iterable) -> "FeatureScaler":
+        """Set the statistics from an iterable of per-clip `(audio (T_i, Da), video (T_i, Dv))` pairs, streamed: one clip
+        in memory at a time (float64, Chan et al.'s pairwise merge of means and squared deviations)."""
         import numpy as np
-        n = sum(int(np.shape(a)[0]) for a in audio)
-        if n < 2 or len(audio) != len(video): raise DataError(f"FeatureScaler.fit needs >= 2 steps and as many audio as video clips, got {n} steps, {len(audio)}/{len(video)} clips")
-        for m, xs in (("audio", audio), ("video", video)):
-            x = np.concatenate([np.asarray(a, dtype=np.float64) for a in xs], 0)
-            if x.shape[1] != getattr(self, f"{m}_mean").numel(): raise DataError(f"FeatureScaler.fit: {m} features have {x.shape[1]} dims, expected {getattr(self, f'{m}_mean').numel()}")
-            if not np.isfinite(x).all(): raise DataError(f"FeatureScaler.fit: {m} features contain NaN or Inf")
-            mean, var = x.mean(0), x.var(0)
+        st = {m: [0, 0.0, 0.0] for m in ("audio", "video")}                  # n, mean, M2 per modality
+        for k, (a, v) in enumerate(clips):
+            for m, x in (("audio", a), ("video", v)):
+                x = np.asarray(x, dtype=np.float64)
+                d = getattr(self, f"{m}_mean").numel()
+                if x.ndim != 2 or x.shape[1] != d: raise DataError(f"FeatureScaler.fit: clip {k}: {m} features have shape {x.shape}, expected (T, {d})")
+                if not np.isfinite(x).all(): raise DataError(f"FeatureScaler.fit: clip {k}: {m} features contain NaN or Inf")
+                if not len(x): continue
+                n, mean, m2 = st[m]; nb, mb = len(x), x.mean(0)
+                delta, tot = mb - mean, n + nb
+                st[m] = [tot, mean + delta * nb / tot, m2 + ((x - mb) ** 2).sum(0) + delta ** 2 * n * nb / tot]
+            if st["audio"][0] != st["video"][0]: raise DataError(f"FeatureScaler.fit: clip {k}: audio and video have different lengths")
+        if st["audio"][0] < 2: raise DataError(f"FeatureScaler.fit needs at least 2 steps, got {st['audio'][0]}")
+        for m, (n, mean, m2) in st.items():
+            var = m2 / n
             std = np.sqrt(var + self.VAR_FLOOR * var.mean() + 1e-12)
             getattr(self, f"{m}_mean").copy_(torch.from_numpy(mean)); getattr(self, f"{m}_std").copy_(torch.from_numpy(std))
-        self.fitted_steps.fill_(n)
+        self.fitted_steps.fill_(int(st["audio"][0]))
         return self
 
     def forward(self, audio: torch.Tensor, video: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -453,8 +453,7 @@ def _train_loop(store, run_dir: Path, config, split, mcfg, tcfg, dist_: _Dist, d
     torch.manual_seed(derive_seed(tcfg.seed, _STREAM["init"]))
     model = AVARNet(mcfg).to(dev)
     if mcfg.standardize:   # training-split statistics only (a resumed run then reloads the same values from its checkpoint)
-        items = [data[i] for i in tr_pos]
-        model.scaler.fit([it["audio"] for it in items], [it["video"] for it in items]); del items
+        model.scaler.fit((it["audio"], it["video"]) for it in (data[i] for i in tr_pos))   # streamed: one clip at a time
     opt_cls = torch.optim.Adam if tcfg.optimizer == "adam" else torch.optim.AdamW
     opt = opt_cls(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, LRFactor(total, int(round(tcfg.warmup_frac * total)), tcfg.schedule))

@@ -138,18 +138,24 @@ class AVARNet(nn.Module):
         else:
             self.temporal = _temporal(self.cfg, self.fusion.out_dim)
 
+    def fuse(self, audio: torch.Tensor, video: torch.Tensor, mask: torch.Tensor | None = None):
+        "What the temporal model sees: the fusion of the (standardised) streams, `(B,T,D)`; late fusion: `(audio, video)`."
+        mask = check_inputs(audio, video, mask, self.cfg.audio_dim, self.cfg.video_dim)
+        if self.cfg.standardize: audio, video = self.scaler(audio, video, mask)
+        return self.fusion(audio, video, mask)
+
     def forward(self, audio: torch.Tensor, video: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, Any]:
         mask = check_inputs(audio, video, mask, self.cfg.audio_dim, self.cfg.video_dim)
         if not mask.any(1).all(): raise DataError("every clip needs at least one valid step (a mask row is all False)")
-        if self.cfg.standardize: audio, video = self.scaler(audio, video, mask)
+        fused = self.fuse(audio, video, mask)
         out = {}
         if self.late:
-            a, v = self.fusion(audio, video, mask)
+            a, v = fused
             br = out["branch_stage_logits"] = {"audio": self.temporal["audio"](a, mask),
                                                "video": self.temporal["video"](v, mask)}
             stage = LateFusion.combine(br["audio"], br["video"], mask)
         else:
-            stage = self.temporal(self.fusion(audio, video, mask), mask)
+            stage = self.temporal(fused, mask)
         m = mask.unsqueeze(-1).to(stage.dtype)
         out["stage_logits"], out["step_probs"] = stage, stage[-1].softmax(-1) * m
         if self.cfg.task == "clip":

@@ -389,7 +389,7 @@ def run_outputs(run_dir, features, split: str | None = "test", device: str = "cp
         for i in pos:
             it = data[i]
             a, v = it["audio"][None].float().to(device), it["video"][None].float().to(device)
-            f = model.fusion(a, v, None)
+            f = model.fuse(a, v)                                       # standardised, as the model sees them
             f = torch.cat(f, -1) if isinstance(f, tuple) else f       # late fusion: both normalised streams
             fused.append(f[0].mean(0).cpu().numpy())
     res["fused"] = np.stack(fused)

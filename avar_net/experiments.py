@@ -15,11 +15,11 @@ from .core import (VAAR_CLASSES, AvarError, ConfigError, DataError, project_path
 from .reproduce import PROFILES, profile_params, measured_source, REPORTED
 
 # %% auto #0
-__all__ = ['PARAM_KEYS', 'TRAIN_LR', 'parameters_source', 'notebook_params', 'check_parameters_cell', 'spec_key', 'file_lock',
-           'cached_many', 'cached', 'synth_dataset', 'degradation_tag', 'degraded_testsets', 'degraded_testset',
-           'feature_config', 'data_fingerprint', 'feature_caches', 'feature_cache', 'code_fingerprint', 'torch_threads',
-           'train_eval', 'train_many', 'variant', 'run_name', 'train_variants', 'evaluate_on', 'model_cost',
-           'run_outputs', 'xd_test_scores', 'read_metrics', 'mean_std_table', 'data_note']
+__all__ = ['PARAM_KEYS', 'parameters_source', 'notebook_params', 'check_parameters_cell', 'spec_key', 'file_lock', 'cached_many',
+           'cached', 'synth_dataset', 'degradation_tag', 'degraded_testsets', 'degraded_testset', 'feature_config',
+           'data_fingerprint', 'feature_caches', 'feature_cache', 'code_fingerprint', 'torch_threads', 'train_eval',
+           'train_many', 'variant', 'run_name', 'train_variants', 'evaluate_on', 'model_cost', 'run_outputs',
+           'xd_test_scores', 'read_metrics', 'mean_std_table', 'data_note']
 
 # %% ../nbs/15_experiments.ipynb #cell-6
 PARAM_KEYS: tuple[str, ...] = tuple(PROFILES["demo"])
@@ -286,8 +286,6 @@ def _device(params: Mapping) -> str:
     from avar_net.core import auto_device
     return auto_device(params.get("device") or "auto").type
 
-TRAIN_LR = {p: v["lr"] for p, v in PROFILES.items()}   # the profiles' learning rates (kept for older callers)
-
 def train_eval(features, params: Mapping, seed: int, model_overrides: Mapping | None = None, run_name: str | None = None,
                train_overrides: Mapping | None = None, splits: Sequence[str] = ("val", "test")) -> dict:
     "Train (or reuse) one run and evaluate it. Returns dict(run_dir, seed, model, train, eval={split: metrics})."
@@ -295,9 +293,8 @@ def train_eval(features, params: Mapping, seed: int, model_overrides: Mapping | 
     from avar_net.train import TrainConfig
     store = FeatureStore(features)
     model_cfg = {"num_layers": int(params["num_layers"]), **(model_overrides or {})}
-    lr = params.get("lr") or TRAIN_LR.get(str(params.get("profile")), 5e-4)
     tcfg = TrainConfig(**{"epochs": int(params["epochs"]), "batch_size": int(params["batch_size"]), "seed": int(seed),
-                          "lr": float(lr), "device": _device(params), **(train_overrides or {})})
+                          "lr": float(params["lr"]), "device": _device(params), **(train_overrides or {})})
     run_name = run_name or f"{Path(features).name}/{spec_key(model_cfg)}-s{seed}"
     run_dir = project_path("runs") / str(params["profile"]) / run_name
     spec = {"features": str(Path(features).resolve()), "features_digest": _features_digest(store), "model": model_cfg,

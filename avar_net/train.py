@@ -452,14 +452,13 @@ def _train_loop(store, run_dir: Path, config, split, mcfg, tcfg, dist_: _Dist, d
 
     torch.manual_seed(derive_seed(tcfg.seed, _STREAM["init"]))
     model = AVARNet(mcfg).to(dev)
-    if mcfg.standardize:   # training-split statistics only (a resumed run then reloads the same values from its checkpoint)
-        model.scaler.fit((it["audio"], it["video"]) for it in (data[i] for i in tr_pos))   # streamed: one clip at a time
     opt_cls = torch.optim.Adam if tcfg.optimizer == "adam" else torch.optim.AdamW
     opt = opt_cls(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, LRFactor(total, int(round(tcfg.warmup_frac * total)), tcfg.schedule))
     ts = {"epoch": 0, "global_step": 0, "best_epoch": None, "best_score": None, "bad_epochs": 0, "history": [],
           "done": False, "stopped_early": False, "select_on": sel_key}
 
+    loaded = False
     if resuming:
         if dist_.main: recover_checkpoint(ck / "last")
         dist_.barrier()
@@ -467,6 +466,7 @@ def _train_loop(store, run_dir: Path, config, split, mcfg, tcfg, dist_: _Dist, d
             m2, state, ts = load_checkpoint(ck / "last", device=dev)
             model.load_state_dict(m2.state_dict()); del m2
             opt.load_state_dict(state["optimizer"]); sched.load_state_dict(state["scheduler"]); _set_rng_state(state["rng"])
+            loaded = True
             log(f"resuming {run_dir} after epoch {ts['epoch']}")
         else: log(f"{run_dir}: no complete checkpoint yet; starting from epoch 1")
     elif dist_.main:
@@ -474,6 +474,8 @@ def _train_loop(store, run_dir: Path, config, split, mcfg, tcfg, dist_: _Dist, d
         atomic_write_json(run_dir / "split.json", split)
         atomic_write_json(run_dir / "config.json", {**config, "avar_net_version": __version__, "git_commit": git_commit(),
                                                     "world_size": dist_.world, "device": str(dev), "amp": amp_used})
+    if mcfg.standardize and not loaded:   # training-split statistics only, streamed one clip at a time (a checkpoint has them)
+        model.scaler.fit((it["audio"], it["video"]) for it in (data[i] for i in tr_pos))
     if dist_.main: _write_metrics(run_dir, ts["history"])
     dist_.barrier()
 

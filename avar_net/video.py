@@ -237,7 +237,7 @@ class VideoExtractor:
     """Frozen MobileViT: `features(frames)` -> (N, D) float32 pooled features of uint8 RGB frames (N, 3, H, W);
     `extract(frame_times, frames, grid)` -> (T, D), the frames of each step averaged."""
     def __init__(self, backbone: str = "mobilevit_s", backend: str = "timm", device="cpu", precision: str = "auto",
-                 batch_size: int = 16):
+                 batch_size: int = 16, stem_batch: int | None = None):
         if backend not in BACKENDS: raise ConfigError(f"unknown video backend {backend!r}; expected one of {BACKENDS}")
         if int(batch_size) < 1: raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.backbone, self.backend, self.batch_size = str(backbone), backend, int(batch_size)
@@ -256,6 +256,12 @@ class VideoExtractor:
             if self._autocast: cast_matmul_weights(model, torch.bfloat16)  # what autocast would cast on every call
         self.precision_used = prec + ("+channels_last" if self._fast else "")
         self.model = model.to(self.device)
+        # frames per call through the stem and the first two stages (the 128 and 64 px ones), see "The fast CPU path"
+        if stem_batch is not None and int(stem_batch) < 0: raise ConfigError(f"stem_batch must be None (auto), 0 (off) or >= 1, got {stem_batch!r}")
+        auto = 2 if (self._fast and not self._autocast and self.device.type == "cpu") else None
+        self.stem_batch = (int(stem_batch) or None) if stem_batch is not None else auto
+        if self.stem_batch and not (backend == "timm" and all(hasattr(model, a) for a in ("stem", "stages", "final_conv"))):
+            self.stem_batch = None                                # only timm's ByobNet layout is split
 
     def __repr__(self):
         return (f"VideoExtractor({self.backbone!r}, backend={self.backend!r}, arch={self.arch!r}, dim={self.dim}, "
@@ -265,13 +271,21 @@ class VideoExtractor:
         "Everything that determines the features (for manifests and cache keys)."
         return dict(backbone=self.backbone, backend=self.backend, arch=self.arch, weights_id=self.weights_id, dim=self.dim,
                     input_size=self.input_size, decode_size=self.decode_size, preprocess=asdict(self.preprocess),
-                    precision_used=self.precision_used)
+                    precision_used=self.precision_used, stem_batch=self.stem_batch)
+
+    def _timm(self, x: torch.Tensor) -> torch.Tensor:
+        "timm MobileViT, pooled; the high-resolution front in micro-batches of `stem_batch` frames (same arithmetic)."
+        m, sb = self.model, self.stem_batch
+        if not sb or len(x) <= sb: return m(x)
+        front = lambda b: m.stages[:2](m.stem(b))
+        h = torch.cat([front(x[i:i + sb]) for i in range(0, len(x), sb)])
+        return m.forward_head(m.final_conv(m.stages[2:](h)))
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fast: x = x.contiguous(memory_format=torch.channels_last)
         ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self._autocast else contextlib.nullcontext()
         with ctx:
-            y = self.model(x) if self.backend == "timm" else self.model(pixel_values=x).pooler_output
+            y = self._timm(x) if self.backend == "timm" else self.model(pixel_values=x).pooler_output
         return y.float()
 
     def features(self, frames) -> np.ndarray:

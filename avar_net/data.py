@@ -392,14 +392,16 @@ def _to_tensor(frame, size, tag_rot, path) -> torch.Tensor:
     if k: arr = np.rot90(arr, k)                        # counter-clockwise, as the display matrix says
     x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
     if size is not None: x = resize_crop(x, int(size))
-    return x.contiguous()
+    return x                                            # a view; the chunk's torch.stack makes the one copy
 
 def iter_video_frames(path, fps: float, size: int | None, *, start_s: float = 0.0, end_s: float | None = None,
                       chunk: int = 32, timeout_s: float | None = None,
-                      report: DecodeReport | None = None) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+                      report: DecodeReport | None = None, threads: int = 0) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Yield `(times (n,), frames uint8 (n,3,S,S))` chunks of frames sampled at `fps` on presentation timestamps
-    (target `t_k = (k+0.5)/fps` takes the latest frame with pts <= t_k), for targets in [start_s, end_s)."""
+    (target `t_k = (k+0.5)/fps` takes the latest frame with pts <= t_k), for targets in [start_s, end_s).
+    `threads`: FFmpeg decoding threads (0 = FFmpeg's frame threading with its automatic count, 1 = single-threaded)."""
     _check_rate(fps, size, chunk)
+    if int(threads) != threads or threads < 0: raise ConfigError(f"threads must be an integer >= 0, got {threads!r}")
     fps = float(fps)
     budget = _Budget(path, timeout_s)
     rep = report if report is not None else DecodeReport(str(path), "video")
@@ -408,7 +410,8 @@ def iter_video_frames(path, fps: float, size: int | None, *, start_s: float = 0.
     try:
         vs = _video_stream(c, path)
         origin, duration = _timeline(c, vs, path, budget)
-        vs.thread_type = "AUTO"
+        if threads == 1: vs.thread_type, vs.thread_count = "NONE", 1
+        else: vs.thread_type, vs.thread_count = "AUTO", int(threads)
         tb = vs.time_base
         tag_rot = _tag_rotation(vs)
         rate = float(vs.average_rate or vs.guessed_rate or 0) or None

@@ -56,6 +56,7 @@ class FeatureConfig:
     prefetch_clips: int = 1          # clips whose decoding starts while the current one computes
     pipeline: str = "auto"           # 'thread' (decode thread + bounded queue), 'loader' (DataLoader workers), 'auto'
     num_workers: int = 2             # decoding processes on the loader path
+    decode_threads: int = 1          # FFmpeg threads per decoding clip (0 = FFmpeg's frame threading, automatic count)
 
     def __post_init__(self):
         if not (isinstance(self.step_s, (int, float)) and self.step_s > 0): raise ConfigError(f"step_s must be > 0, got {self.step_s!r}")
@@ -69,6 +70,8 @@ class FeatureConfig:
         for k in ("batch_size", "chunk_frames", "queue_chunks"):
             if getattr(self, k) < 1: raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)!r}")
         if self.prefetch_clips < 0 or self.num_workers < 0: raise ConfigError("prefetch_clips and num_workers must be >= 0")
+        if int(self.decode_threads) != self.decode_threads or self.decode_threads < 0:
+            raise ConfigError(f"decode_threads must be an integer >= 0, got {self.decode_threads!r}")
 
     @property
     def grid_step_s(self) -> float:
@@ -430,7 +433,7 @@ class _ClipJob:
             threading.Thread(target=self._audio, args=(info,), name=f"audio:{self.path.name}", daemon=True).start()
             if not self._put(("info", info, xd_n)): return
             it = iter_video_frames(self.path, self.cfg.fps, self.size, chunk=self.cfg.chunk_frames, timeout_s=to,
-                                   report=self.vrep)
+                                   report=self.vrep, threads=self.cfg.decode_threads)
             try:
                 while True:
                     t1 = time.perf_counter()
@@ -556,7 +559,7 @@ class _ChunkStream(torch.utils.data.IterableDataset):
                 yield {"kind": "begin", "job": j, "info": info, "xd_n": xd_n, "has_audio": bool(has),
                        "audio": torch.from_numpy(np.asarray(wave, np.float32)) if has else torch.zeros(0)}
                 for times, frames in iter_video_frames(path, self.cfg.fps, self.size, chunk=self.cfg.chunk_frames,
-                                                       timeout_s=to, report=vrep):
+                                                       timeout_s=to, report=vrep, threads=self.cfg.decode_threads):
                     yield {"kind": "frames", "job": j, "times": torch.from_numpy(np.asarray(times, np.float64)), "frames": frames}
                 yield {"kind": "end", "job": j, "usable_until_s": vrep.usable_until_s, "messages": vrep.messages + arep.messages}
             except Exception as e:
@@ -921,11 +924,16 @@ def pipeline_overhead(paths: Sequence, extractors: Extractors, cfg: FeatureConfi
             for s in range(0, len(frames), cfg.chunk_frames): ex.video.features(frames[s:s + cfg.chunk_frames])
             if wave is not None: ex.audio.features(wave)
     for _ in range(warmup): run_pipeline(); run_backbones()
-    a, b = [], []
+    def cpu_s() -> float:                      # CPU time of this process and of its finished children (loader workers)
+        t = os.times(); return t.user + t.system + t.children_user + t.children_system
+    a, b, ca, cb = [], [], [], []
     for _ in range(repeats):
-        t = time.perf_counter(); run_pipeline(); a.append(time.perf_counter() - t)
-        t = time.perf_counter(); run_backbones(); b.append(time.perf_counter() - t)
+        for fn, wall, cpu in ((run_pipeline, a, ca), (run_backbones, b, cb)):
+            c0, t = cpu_s(), time.perf_counter(); fn()
+            wall.append(time.perf_counter() - t); cpu.append(cpu_s() - c0)
     pa, pb = statistics.median(a), statistics.median(b)
     return {"pipeline_s": pa, "backbones_s": pb, "ratio": pa / pb, "pipeline_runs": a, "backbones_runs": b,
+            "pipeline_cpu_s": statistics.median(ca), "backbones_cpu_s": statistics.median(cb),
+            "cpu_ratio": statistics.median(ca) / max(statistics.median(cb), 1e-9),
             "clip_seconds": float(sum(probe(p).duration_s for p in paths)), "repeats": repeats,
             "pipeline": "loader" if cfg.use_loader() else "thread"}

@@ -11,8 +11,8 @@ import numpy as np
 from .core import ConfigError, AvarError, in_test, project_path
 
 # %% auto #0
-__all__ = ['TARGETS', 'median', 'ratio', 'interleave', 'cosine', 'machine_info', 'matmul_fns', 'matmul_roofline',
-           'bench_cache_dir', 'make_bench_video', 'make_long_video', 'decode_all', 'bench_decode',
+__all__ = ['TARGETS', 'median', 'ratio', 'interleave', 'cosine', 'machine_info', 'bf16_native', 'roofline_sizes', 'matmul_fns',
+           'matmul_roofline', 'bench_cache_dir', 'make_bench_video', 'make_long_video', 'decode_all', 'bench_decode',
            'peak_rss_subprocess', 'extraction_peak_rss', 'count_flops', 'copy_weights', 'bench_frames', 'bench_wave',
            'bench_mobilevit', 'bench_wav2vec2', 'bench_pipeline', 'bench_train', 'check_targets', 'bench_sizes',
            'bench_clips', 'run_bench', 'format_bench', 'efficiency_table', 'roofline_figure']
@@ -91,26 +91,42 @@ def machine_info(device: str = "cpu") -> dict:
     return info
 
 # %% ../nbs/13_bench.ipynb #cell-15
-def matmul_fns(n: int = 2048, device: str = "cpu") -> dict[str, Callable[[], Any]]:
-    "{'roof_fp32', 'roof_bf16'}: callables doing one n×n @ n×n product in each precision (2n³ FLOP)."
+def bf16_native(device: str = "cpu") -> bool:
+    "Whether `device` multiplies bf16 matrices in hardware: CUDA GPUs, CPUs with AVX512-BF16 or AMX (else emulated)."
+    if str(device).startswith("cuda"): return True
+    from avar_net.audio import cpu_supports_bf16
+    return bool(cpu_supports_bf16())
+
+def roofline_sizes(n: int = 2048, device: str = "cpu") -> dict:
+    """Matrix sizes of the two roofline matmuls. Without native bf16 a CPU emulates it some 100x slower than fp32
+    (a 2048³ product took 60 s on the AVX2 EPYC), so its bf16 matmul shrinks to 256³: still a rate, in seconds."""
+    nat = bf16_native(device)
+    return {"n": int(n), "bf16_n": int(n) if nat else min(int(n), 256), "bf16_native": nat}
+
+def matmul_fns(n: int = 2048, device: str = "cpu", bf16_n: int | None = None) -> dict[str, Callable[[], Any]]:
+    "{'roof_fp32', 'roof_bf16'}: callables doing one n×n @ n×n product in each precision (2n³ FLOP; bf16: `bf16_n`)."
     import torch
     g = torch.Generator().manual_seed(0)
     fns = {}
-    for key, dt in (("roof_fp32", torch.float32), ("roof_bf16", torch.bfloat16)):
-        a, b = (torch.randn(n, n, generator=g).to(device=device, dtype=dt) for _ in range(2))
+    for key, dt, k in (("roof_fp32", torch.float32, n), ("roof_bf16", torch.bfloat16, bf16_n or n)):
+        a, b = (torch.randn(k, k, generator=g).to(device=device, dtype=dt) for _ in range(2))
         def f(a=a, b=b):
             with torch.inference_mode(): return a @ b
         fns[key] = f
     return fns
 
-def _roof_rates(t: Mapping[str, list], n: int) -> dict:
-    flop = 2.0 * n ** 3
-    return {"fp32": flop / median(t["roof_fp32"]) / 1e9, "bf16": flop / median(t["roof_bf16"]) / 1e9, "n": int(n)}
+def _roof_rates(t: Mapping[str, list], n: int, bf16_n: int | None = None) -> dict:
+    nb = int(bf16_n or n)
+    return {"fp32": 2.0 * n ** 3 / median(t["roof_fp32"]) / 1e9, "bf16": 2.0 * nb ** 3 / median(t["roof_bf16"]) / 1e9,
+            "n": int(n), "bf16_n": nb}
 
 def matmul_roofline(n: int = 2048, repeats: int = 5, device: str = "cpu", warmup: int = 1) -> dict:
-    "GFLOP/s of an n×n @ n×n matmul in fp32 and bf16 (median of `repeats`, interleaved) -> {'fp32', 'bf16', 'n', ...}."
-    t = interleave(matmul_fns(n, device), repeats, warmup, device)
-    return {**_roof_rates(t, n), "fp32_s": median(t["roof_fp32"]), "bf16_s": median(t["roof_bf16"]), "repeats": int(repeats)}
+    """GFLOP/s of an n×n @ n×n matmul in fp32 and bf16 (median of `repeats`, interleaved) -> {'fp32', 'bf16', 'n',
+    'bf16_n', 'bf16_native', ...}; see `roofline_sizes` for the bf16 size on CPUs that emulate it."""
+    sz = roofline_sizes(n, device)
+    t = interleave(matmul_fns(n, device, sz["bf16_n"]), repeats, warmup, device)
+    return {**_roof_rates(t, n, sz["bf16_n"]), "bf16_native": sz["bf16_native"], "fp32_s": median(t["roof_fp32"]),
+            "bf16_s": median(t["roof_bf16"]), "repeats": int(repeats)}
 
 # %% ../nbs/13_bench.ipynb #cell-18
 def bench_cache_dir() -> Path:
@@ -333,9 +349,9 @@ def copy_weights(src, dst, allow_missing: Sequence[str] = ()) -> list[str]:
 
 def _timed_with_roofline(fns: dict, repeats: int, warmup: int, device: str, roofline: Mapping | None) -> tuple[dict, dict | None]:
     "Interleave `fns` with the two roofline matmuls (A B R32 R16 A B …) -> (times, roofline measured in these rounds)."
-    n = (roofline or {}).get("n")
-    t = interleave({**fns, **(matmul_fns(n, device) if n else {})}, repeats, warmup, device)
-    return t, (_roof_rates(t, n) if n else None)
+    n, nb = (roofline or {}).get("n"), (roofline or {}).get("bf16_n")
+    t = interleave({**fns, **(matmul_fns(n, device, nb) if n else {})}, repeats, warmup, device)
+    return t, (_roof_rates(t, n, nb) if n else None)
 
 def _speed_report(t_base: list, t_ours: list, flop: int, roof: dict | None, path: str, cos: dict, **extra) -> dict:
     b, o = median(t_base), median(t_ours)
@@ -348,6 +364,8 @@ def _speed_report(t_base: list, t_ours: list, flop: int, roof: dict | None, path
             "roofline_fraction": ratio(og, rpath) if rpath else None,
             "roofline_fraction_fp32": ratio(og, rf32) if rf32 else None,
             "baseline_roofline_fraction": ratio(bg, rf32) if rf32 else None,
+            # the most any path in this precision could gain: running at 100 % of its matmul roofline
+            "speedup_ceiling": ratio(rpath, bg) if rpath else None,
             "path": path, "baseline_runs": list(t_base), "ours_runs": list(t_ours), "roofline_local": roof, **extra}
 
 # %% ../nbs/13_bench.ipynb #cell-31
@@ -455,6 +473,7 @@ def bench_pipeline(paths: Sequence, repeats: int = 5, cfg: Mapping | None = None
             "backbones_s": r["backbones_s"], "overhead": r["ratio"], "clip_seconds": r["clip_seconds"],
             "overhead_paired": median([ratio(a, b) for a, b in zip(pr, br)]) if pr and br else None,
             "overhead_min": ratio(min(pr), min(br)) if pr and br else None,
+            "cpu_overhead": r.get("cpu_ratio"), "pipeline_cpu_s": r.get("pipeline_cpu_s"), "backbones_cpu_s": r.get("backbones_cpu_s"),
             "clips": len(paths), "mode": r.get("pipeline"), "pipeline_runs": r.get("pipeline_runs"),
             "backbones_runs": r.get("backbones_runs"), "repeats": int(repeats),
             "backbones": ex.backbones(fc), "config": {k: v for k, v in fc.to_dict().items()}}
@@ -651,34 +670,47 @@ def format_bench(res: Mapping) -> str:
     if ncpu and max(x or 0 for x in (lb[0], la[0])) > ncpu:
         out.append(f"WARNING: the machine was oversubscribed (load > {ncpu} cores): other processes competed for the cores; "
                    "absolute rates are low and ratios noisy (see speedup_paired / speedup_min in the JSON)")
+    emu = _get(res, "roofline.bf16_native") is False
     out.append(f"roofline (matmul {_get(res, 'roofline.n')}³): fp32 {_f(res.get('roofline_gflops'), '{:.1f}')} GFLOP/s, "
-               f"bf16 {_f(res.get('roofline_bf16_gflops'), '{:.1f}')} GFLOP/s\n")
+               f"bf16 {_f(res.get('roofline_bf16_gflops'), '{:.1f}')} GFLOP/s"
+               + (f" (emulated: no native bf16 on this CPU, {_get(res, 'roofline.bf16_n')}³; the fast paths fall back to fp32)" if emu else "") + "\n")
     rows = []
     for key, name in (("mobilevit", "MobileViT-S 256px"), ("wav2vec2", "Wav2Vec2-base")):
         m = res.get(key) or {}
         rows.append([name, str(m.get("call", "—")), _f(m.get("gflop"), "{:.1f}"), _f(m.get("baseline_s"), "{:.3f}"),
                      _f(m.get("ours_s"), "{:.3f}"), _f(m.get("speedup"), "{:.2f}x"),
                      f"{_f(m.get('speedup_paired'), '{:.2f}')}/{_f(m.get('speedup_min'), '{:.2f}')}", _f(m.get("baseline_gflops"), "{:.1f}"),
+                     _f(m.get("speedup_ceiling"), "{:.2f}x"),
                      _f(m.get("ours_gflops"), "{:.1f}"), _f(m.get("baseline_roofline_fraction"), "{:.0%}"),
                      _f(m.get("roofline_fraction"), "{:.0%}"), f"{_f(m.get('cosine'), '{:.4f}')}/{_f(m.get('cosine_min'), '{:.4f}')}",
                      str(m.get("path") or "—")])
-    out.append(_table(rows, ["backbone", "call", "GFLOP", "base s", "ours s", "speedup", "paired/min", "base GF/s", "ours GF/s",
-                             "base %fp32", "ours %roof", "cos mean/min", "path"]))
-    out.append("  (%roof = share of the matmul roofline of the precision the path runs in)\n")
+    out.append(_table(rows, ["backbone", "call", "GFLOP", "base s", "ours s", "speedup", "paired/min", "base GF/s", "ceiling",
+                             "ours GF/s", "base %fp32", "ours %roof", "cos mean/min", "path"]))
+    out.append("  (%roof = share of the matmul roofline of the precision the path runs in; ceiling = that roofline / the baseline's "
+               "rate, the largest speed-up any path in that precision could show)\n")
     d, p, t, lv = res.get("decode") or {}, res.get("pipeline") or {}, res.get("train") or {}, res.get("long_video") or {}
     out.append(f"decode     {', '.join(d.get('format') or ['?'])} H.264, PyAV threaded: {_f(d.get('fps'), '{:.0f}')} frames/s = "
                f"{_f(d.get('clip_seconds_per_s'), '{:.1f}')} clip-s/s (single thread {_f(d.get('fps_single_thread'), '{:.0f}')} frames/s)")
     out.append(f"pipeline   {_f(p.get('clip_s_per_wall_s'), '{:.2f}')} clip-s per wall-s; {_f(p.get('pipeline_s'), '{:.2f}')} s vs "
                f"backbones alone {_f(p.get('backbones_s'), '{:.2f}')} s -> overhead {_f(res.get('pipeline_overhead'), '{:.3f}x')} "
-               f"(paired {_f(p.get('overhead_paired'), '{:.3f}')}, min {_f(p.get('overhead_min'), '{:.3f}')}) "
+               f"(paired {_f(p.get('overhead_paired'), '{:.3f}')}, min {_f(p.get('overhead_min'), '{:.3f}')}; "
+               f"CPU time {_f(p.get('cpu_overhead'), '{:.3f}x')}) "
                f"({p.get('clips', '?')} clips, {p.get('mode', '?')} path)")
     out.append(f"train      {t.get('model', 'AVARNet')} batch {t.get('batch', '?')} x {t.get('steps', '?')} steps: "
                f"{_f(t.get('steps_per_s'), '{:.2f}')} steps/s ({_f(t.get('clips_per_s'), '{:.1f}')} clips/s)")
     out.append(f"long video {lv.get('note', '')}: peak RSS {_f(res.get('long_video_peak_rss_mb'), '{:.0f}')} MB "
                f"(after loading models {_f(lv.get('rss_after_load_mb'), '{:.0f}')} MB), extraction {_f(lv.get('extract_s'), '{:.0f}')} s\n")
-    rows = [[k, f"{v['op']} {v['target']:g}", _f(v["value"], "{:.4g}"), "MET" if v["met"] else "missed"]
-            for k, v in (res.get("targets") or {}).items()]
-    out.append(_table(rows, ["target", "goal", "value", ""]))
+    rows = []
+    for k, v in (res.get("targets") or {}).items():
+        why = ""
+        if not v["met"] and k.endswith("_speedup"):
+            m = res.get(k.rsplit("_", 1)[0]) or {}
+            ceil = m.get("speedup_ceiling")
+            if isinstance(ceil, float) and ceil < v["target"]:
+                why = (f"above the {m.get('path', '?').split('+')[0]} roofline: the baseline already runs at "
+                       f"{_f(m.get('baseline_roofline_fraction'), '{:.0%}')} of it, so {ceil:.2f}x is the most any {m.get('path', '?').split('+')[0]} path could reach")
+        rows.append([k, f"{v['op']} {v['target']:g}", _f(v["value"], "{:.4g}"), "MET" if v["met"] else "missed", why])
+    out.append(_table(rows, ["target", "goal", "value", "", "why missed"]))
     if res.get("errors"):
         out.append("\nERRORS (sections that could not be measured):")
         out += [f"  {k}: {v}" for k, v in res["errors"].items()]
@@ -751,7 +783,8 @@ def roofline_figure(res: Mapping):
     locs = [(res.get(k) or {}).get("roofline_local") or {} for k in ("mobilevit", "wav2vec2")]
     locs.append({"fp32": res.get("roofline_gflops"), "bf16": res.get("roofline_bf16_gflops")})
     for dt, ls in (("fp32", "--"), ("bf16", ":")):
-        label = f"{dt} matmul roofline (measured alongside)"
+        emu = dt == "bf16" and _get(res, "roofline.bf16_native") is False
+        label = f"{dt} matmul roofline (measured alongside{'; emulated, no native bf16' if emu else ''})"
         for i, loc in enumerate(locs):
             v = _num(loc.get(dt))
             if math.isfinite(v):

@@ -365,9 +365,19 @@ def _clip_grid(info, cfg: FeatureConfig, path, xd_n: tuple | None = None) -> tup
         grid = TimeGrid.for_duration(info.duration_s, cfg.step_s)
     return grid, extra
 
+def _audio_on_grid(wave, dur: float, grid, ex: Extractors, cfg: FeatureConfig, path) -> np.ndarray:
+    "Wav2Vec2 features of the first `dur` seconds of `wave`, pooled on `grid` (T, Da)."
+    at, af = ex.audio.features(np.asarray(wave, np.float32)[: max(1, int(round(dur * cfg.sr)))])
+    aacc = _StepMean(grid.T)                         # = pool_to_grid, without a float64 copy of every vector
+    aacc.add(np.asarray(grid.index_of(np.asarray(at))), af)
+    del af
+    return aacc.finalize(grid, path, what="audio vector")
+
 def _finish_clip(path, info, grid, extra, acc: _StepMean, wave, has_audio: bool, usable_until_s, messages: list,
-                 ex: Extractors, cfg: FeatureConfig, tm: dict, n_sampled: int) -> dict:
-    "Video step means, audio features on the grid (cut at the end of a truncated video), result dict."
+                 ex: Extractors, cfg: FeatureConfig, tm: dict, n_sampled: int, audio_early: np.ndarray | None = None) -> dict:
+    """Video step means, audio features on the grid (cut at the end of a truncated video), result dict.
+    `audio_early`: the audio features already computed on the declared duration's grid (used unless the video
+    turned out truncated, in which case the cut soundtrack is computed again)."""
     dur = float(info.duration_s)
     if usable_until_s is not None and not cfg.xd and usable_until_s < dur:
         extra = {**extra, "declared_duration_s": dur}
@@ -375,15 +385,10 @@ def _finish_clip(path, info, grid, extra, acc: _StepMean, wave, has_audio: bool,
         grid = TimeGrid.for_duration(dur, cfg.step_s)          # a prefix of the clip's grid
     video = acc.finalize(grid, path)
     t = time.perf_counter()
-    if has_audio:
-        at, af = ex.audio.features(np.asarray(wave, np.float32)[: max(1, int(round(dur * cfg.sr)))])
-        del wave
-        aacc = _StepMean(grid.T)                     # = pool_to_grid, without a float64 copy of every vector
-        aacc.add(np.asarray(grid.index_of(np.asarray(at))), af)
-        del af
-        audio = aacc.finalize(grid, path, what="audio vector")
-    else:
-        audio = np.zeros((grid.T, int(ex.audio.dim)), np.float32)
+    if not has_audio: audio = np.zeros((grid.T, int(ex.audio.dim)), np.float32)
+    elif audio_early is not None and dur == float(info.duration_s): audio = audio_early
+    else: audio = _audio_on_grid(wave, dur, grid, ex, cfg, path)
+    del wave
     tm["audio_s"] = tm.get("audio_s", 0.0) + time.perf_counter() - t
     tm["backbones_s"] = tm.get("video_s", 0.0) + tm["audio_s"]
     if messages: extra = {**extra, "warnings": list(messages)}
@@ -477,7 +482,7 @@ class _ClipJob:
         return self.audio
 
 def _run_job(job: _ClipJob, ex: Extractors, cfg: FeatureConfig) -> dict:
-    "Consume a `_ClipJob`: video features per chunk into step sums, then audio; returns features and timings."
+    "Consume a `_ClipJob`: audio features, then video features per chunk into step sums; returns features and timings."
     t_start = time.perf_counter()
     tm = {"decode_wait_s": 0.0, "video_s": 0.0, "audio_wait_s": 0.0, "audio_s": 0.0}
     job.audio_go.set()
@@ -486,6 +491,12 @@ def _run_job(job: _ClipJob, ex: Extractors, cfg: FeatureConfig) -> dict:
         if item[0] == "error": raise item[1]
         _, info, xd_n = item
         grid, extra = _clip_grid(info, cfg, job.path, xd_n)
+        # audio first: Wav2Vec2 computes while the frame thread fills its queue, so no core waits for the first frames
+        t = time.perf_counter(); wave, has_audio = job.wait_audio(); tm["audio_wait_s"] = time.perf_counter() - t
+        job.audio = None                             # the only reference left is ours: freed after its features
+        t = time.perf_counter()
+        audio = _audio_on_grid(wave, float(info.duration_s), grid, ex, cfg, job.path) if has_audio else None
+        tm["audio_s"] = time.perf_counter() - t
         acc, n_sampled = _StepMean(grid.T), 0
         while True:
             t = time.perf_counter(); item = job.get(); tm["decode_wait_s"] += time.perf_counter() - t
@@ -497,10 +508,8 @@ def _run_job(job: _ClipJob, ex: Extractors, cfg: FeatureConfig) -> dict:
             tm["video_s"] += time.perf_counter() - t
             acc.add(np.asarray(grid.index_of(times)), feats)
             n_sampled += len(times)
-        t = time.perf_counter(); wave, has_audio = job.wait_audio(); tm["audio_wait_s"] = time.perf_counter() - t
-        job.audio = None                             # the only reference left is ours: freed after its features
         res = _finish_clip(job.path, info, grid, extra, acc, wave, has_audio, job.vrep.usable_until_s,
-                           job.vrep.messages + job.arep.messages, ex, cfg, tm, n_sampled)
+                           job.vrep.messages + job.arep.messages, ex, cfg, tm, n_sampled, audio_early=audio)
     finally:
         job.cancel()
     tm.update(decode_s=job.decode_s, audio_decode_s=job.audio_decode_s, total_s=time.perf_counter() - t_start)

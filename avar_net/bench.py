@@ -11,7 +11,7 @@ import numpy as np
 from .core import ConfigError, AvarError, in_test, project_path
 
 # %% auto #0
-__all__ = ['TARGETS', 'median', 'ratio', 'interleave', 'cosine', 'machine_info', 'bf16_native', 'roofline_sizes', 'matmul_fns',
+__all__ = ['TARGETS', 'median', 'ratio', 'interleave', 'cosine', 'machine_info', 'roofline_sizes', 'matmul_fns',
            'matmul_roofline', 'bench_cache_dir', 'make_bench_video', 'make_long_video', 'decode_all', 'bench_decode',
            'peak_rss_subprocess', 'extraction_peak_rss', 'count_flops', 'copy_weights', 'bench_frames', 'bench_wave',
            'bench_mobilevit', 'bench_wav2vec2', 'bench_pipeline', 'bench_train', 'check_targets', 'bench_sizes',
@@ -91,16 +91,11 @@ def machine_info(device: str = "cpu") -> dict:
     return info
 
 # %% ../nbs/13_bench.ipynb #cell-15
-def bf16_native(device: str = "cpu") -> bool:
-    "Whether `device` multiplies bf16 matrices in hardware: CUDA GPUs, CPUs with AVX512-BF16 or AMX (else emulated)."
-    if str(device).startswith("cuda"): return True
-    from avar_net.audio import cpu_supports_bf16
-    return bool(cpu_supports_bf16())
-
 def roofline_sizes(n: int = 2048, device: str = "cpu") -> dict:
     """Matrix sizes of the two roofline matmuls. Without native bf16 a CPU emulates it some 100x slower than fp32
     (a 2048³ product took 60 s on the AVX2 EPYC), so its bf16 matmul shrinks to 256³: still a rate, in seconds."""
-    nat = bf16_native(device)
+    from avar_net.audio import resolve_precision         # 'auto' picks bf16 exactly where the hardware has it
+    nat = resolve_precision("auto", device) == "bf16"
     return {"n": int(n), "bf16_n": int(n) if nat else min(int(n), 256), "bf16_native": nat}
 
 def matmul_fns(n: int = 2048, device: str = "cpu", bf16_n: int | None = None) -> dict[str, Callable[[], Any]]:
@@ -707,8 +702,8 @@ def format_bench(res: Mapping) -> str:
             m = res.get(k.rsplit("_", 1)[0]) or {}
             ceil = m.get("speedup_ceiling")
             if isinstance(ceil, float) and ceil < v["target"]:
-                why = (f"above the {m.get('path', '?').split('+')[0]} roofline: the baseline already runs at "
-                       f"{_f(m.get('baseline_roofline_fraction'), '{:.0%}')} of it, so {ceil:.2f}x is the most any {m.get('path', '?').split('+')[0]} path could reach")
+                prec = str(m.get("path") or "?").split("+")[0]
+                why = f"{ceil:.2f}x is the most any {prec} path could reach ({prec} matmul roofline / the baseline's rate)"
         rows.append([k, f"{v['op']} {v['target']:g}", _f(v["value"], "{:.4g}"), "MET" if v["met"] else "missed", why])
     out.append(_table(rows, ["target", "goal", "value", "", "why missed"]))
     if res.get("errors"):

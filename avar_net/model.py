@@ -169,8 +169,9 @@ class AVARNet(nn.Module):
 # %% ../nbs/08_model.ipynb #cell-16
 @patch
 def loss(self: AVARNet, out: dict, label: torch.Tensor, mask: torch.Tensor | None = None,
-          class_weights: torch.Tensor | None = None) -> torch.Tensor:
-    "Training loss for `out = self(audio, video, mask)` and clip/video labels `(B,)` (see above)."
+          class_weights: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+    """Training loss for `out = self(audio, video, mask)` and clip/video labels `(B,)` (see above); `reduction='none'`:
+    the loss of every clip on its own, `(B,)` (the trainer weights and sums those)."""
     stage = out["stage_logits"]
     if mask is None: mask = torch.ones(stage.shape[1:3], dtype=torch.bool, device=stage.device)
     C = self.cfg.num_classes
@@ -184,7 +185,7 @@ def loss(self: AVARNet, out: dict, label: torch.Tensor, mask: torch.Tensor | Non
             raise ConfigError(f"class_weights must have shape ({C},), got {tuple(class_weights.shape)}")
     fn = clip_loss if self.cfg.task == "clip" else mil_loss
     parts = out["branch_stage_logits"].values() if self.late else [stage]
-    return sum(fn(p, label, mask.bool(), self.cfg.smooth_weight, self.cfg.tau, weight=class_weights) for p in parts)
+    return sum(fn(p, label, mask.bool(), self.cfg.smooth_weight, self.cfg.tau, weight=class_weights, reduction=reduction) for p in parts)
 
 # %% ../nbs/08_model.ipynb #cell-22
 _META_KEYS = ("model_type", "avar_net_version")

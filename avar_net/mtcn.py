@@ -11,25 +11,44 @@ import torch.nn.functional as F
 from .core import ConfigError, DataError
 
 # %% auto #0
-__all__ = ['TEMPORAL', 'DilatedResidualLayer', 'SingleStageModel', 'MTCN', 'check_sequence', 'smoothing_loss', 'mstcn_loss',
-           'masked_mean', 'clip_logits', 'anomaly_logits', 'mil_topk', 'clip_loss', 'mil_loss', 'MeanPoolMLP',
-           'BiGRUTemporal', 'sinusoidal_positions', 'TransformerTemporal']
+__all__ = ['TEMPORAL', 'conv_taps', 'fast_dropout', 'DilatedResidualLayer', 'SingleStageModel', 'MTCN', 'check_sequence',
+           'smoothing_loss', 'mstcn_loss', 'masked_mean', 'clip_logits', 'anomaly_logits', 'mil_topk', 'clip_loss',
+           'mil_loss', 'MeanPoolMLP', 'BiGRUTemporal', 'sinusoidal_positions', 'TransformerTemporal']
 
 # %% ../nbs/07_mtcn.ipynb #cell-6
+def conv_taps(x: torch.Tensor, conv: nn.Conv1d, dilation: int = 1) -> torch.Tensor:
+    """`conv(x)` for `x (B, T, Cin)` -> `(B, T, Cout)`: a 'same'-padded kernel-1 or kernel-3 `nn.Conv1d` (dilation `d`)
+    applied as one matrix multiply (`F.linear` on `[x[t-d], x[t], x[t+d]]`, zeros outside the sequence)."""
+    w = conv.weight                                                   # (Cout, Cin, k)
+    k = w.shape[-1]
+    if k == 1: return F.linear(x, w[:, :, 0], conv.bias)
+    if k != 3: raise ConfigError(f"conv_taps supports kernel sizes 1 and 3, got {k}")
+    T, d = x.shape[1], int(dilation)
+    xp = F.pad(x, (0, 0, d, d))                                       # zero steps before and after
+    cols = torch.cat([xp[:, :T], x, xp[:, 2 * d:2 * d + T]], -1)      # (B, T, 3·Cin): taps t-d, t, t+d
+    return F.linear(cols, w.permute(0, 2, 1).reshape(w.shape[0], 3 * w.shape[1]), conv.bias)
+
+def fast_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    "Inverted dropout; on the CPU from uniform draws (`rand_like(x) >= p`, cheaper than `bernoulli_`), elsewhere `F.dropout`."
+    if not training or p == 0: return x
+    if x.device.type != "cpu" or p >= 1: return F.dropout(x, p, True)
+    return x * (torch.rand_like(x) >= p).to(x.dtype).mul_(1.0 / (1.0 - p))
+
 class DilatedResidualLayer(nn.Module):
-    "conv_dilated (k=3, dilation d) → ReLU → conv_1x1 → Dropout → + input → × mask; tensors are (B, F, T)."
+    "conv_dilated (k=3, dilation d) → ReLU → conv_1x1 → Dropout → + input → × mask; tensors are (B, T, F)."
     def __init__(self, dilation: int, in_channels: int, out_channels: int, dropout: float = 0.5):
         super().__init__()
+        self.dilation = dilation
         self.conv_dilated = nn.Conv1d(in_channels, out_channels, 3, padding=dilation, dilation=dilation)
         self.conv_1x1 = nn.Conv1d(out_channels, out_channels, 1)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x, mask):
-        out = self.dropout(self.conv_1x1(F.relu(self.conv_dilated(x))))
-        return (x + out) * mask
+        out = conv_taps(F.relu(conv_taps(x, self.conv_dilated, self.dilation)), self.conv_1x1)
+        return (x + fast_dropout(out, self.dropout.p, self.training)) * mask
 
 class SingleStageModel(nn.Module):
-    "conv_1x1 (dim → F) × mask (ours), `num_layers` dilated residual layers (dilation 2^i), conv_out (F → C) × mask."
+    "conv_1x1 (dim → F) × mask (ours), `num_layers` dilated residual layers (dilation 2^i), conv_out (F → C) × mask; (B, T, ·)."
     def __init__(self, num_layers: int, num_f_maps: int, dim: int, num_classes: int, dropout: float = 0.5):
         super().__init__()
         self.conv_1x1 = nn.Conv1d(dim, num_f_maps, 1)
@@ -38,9 +57,9 @@ class SingleStageModel(nn.Module):
         self.conv_out = nn.Conv1d(num_f_maps, num_classes, 1)
 
     def forward(self, x, mask):
-        out = self.conv_1x1(x) * mask
+        out = conv_taps(x, self.conv_1x1) * mask
         for layer in self.layers: out = layer(out, mask)
-        return self.conv_out(out) * mask
+        return conv_taps(out, self.conv_out) * mask
 
 class MTCN(nn.Module):
     "Multi-stage TCN: `forward(x (B,T,D), mask (B,T) bool) -> (S,B,T,C)` logits of every stage."
@@ -53,13 +72,13 @@ class MTCN(nn.Module):
 
     def forward(self, x, mask=None):
         mask = check_sequence(x, mask)
-        x, m = _zero_pad(x, mask).transpose(1, 2), mask.to(x.dtype).unsqueeze(1)      # (B, D, T), (B, 1, T)
+        x, m = _zero_pad(x, mask), mask.to(x.dtype).unsqueeze(-1)      # (B, T, D), (B, T, 1)
         out = self.stage1(x, m)
         outputs = [out]
         for s in self.stages:
-            out = s(F.softmax(out, dim=1) * m, m)
+            out = s(F.softmax(out, dim=-1) * m, m)
             outputs.append(out)
-        return torch.stack(outputs).transpose(2, 3)                  # (S, B, T, C)
+        return torch.stack(outputs)                                   # (S, B, T, C)
 
 def _zero_pad(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     "Padded input steps set to zero (`where`: even NaN/Inf there cannot leak; valid steps untouched)."
@@ -75,11 +94,21 @@ def check_sequence(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return mask
 
 # %% ../nbs/07_mtcn.ipynb #cell-12
-def smoothing_loss(logits: torch.Tensor, mask: torch.Tensor, tau: float = 4.0) -> torch.Tensor:
-    "Truncated MSE of neighbouring steps' log-probabilities (`logits (B,T,C)`), mean over valid pairs and classes."
+_REDUCTIONS = ("mean", "none")
+
+def _check_reduction(reduction: str, weight=None) -> None:
+    if reduction not in _REDUCTIONS: raise ConfigError(f"unknown reduction {reduction!r}; expected one of {_REDUCTIONS}")
+    if reduction == "none" and weight is not None:
+        raise ConfigError("class weights apply to the batch loss (reduction='mean'); with reduction='none' weight the per-clip losses yourself")
+
+def smoothing_loss(logits: torch.Tensor, mask: torch.Tensor, tau: float = 4.0, reduction: str = "mean") -> torch.Tensor:
+    """Truncated MSE of neighbouring steps' log-probabilities (`logits (B,T,C)`), mean over valid pairs and classes
+    of the batch; `reduction='none'`: of each sequence on its own, `(B,)` (0 for a sequence without pairs)."""
+    _check_reduction(reduction)
     lp = F.log_softmax(logits, dim=-1)
     d = (lp[:, 1:] - lp[:, :-1].detach()).pow(2).clamp(0, tau ** 2)
     pair = (mask[:, 1:] & mask[:, :-1]).unsqueeze(-1).to(d.dtype)
+    if reduction == "none": return (d * pair).sum((1, 2)) / (pair.sum((1, 2)) * logits.shape[-1]).clamp_min(1)
     return (d * pair).sum() / (pair.sum() * logits.shape[-1]).clamp_min(1)
 
 def mstcn_loss(stage_logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, smooth_weight: float = 0.15,
@@ -114,18 +143,22 @@ def mil_topk(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 # %% ../nbs/07_mtcn.ipynb #cell-20
 def clip_loss(stage_logits: torch.Tensor, label: torch.Tensor, mask: torch.Tensor, smooth_weight: float = 0.15,
-              tau: float = 4.0, weight: torch.Tensor | None = None) -> torch.Tensor:
-    "Σ over stages: CE(clip logits of the stage, label) + λ·smoothing. `stage_logits (S,B,T,C)`, `label (B,)`."
-    return sum(F.cross_entropy(clip_logits(p, mask), label.long(), weight=weight)
-               + smooth_weight * smoothing_loss(p, mask, tau) for p in stage_logits)
+              tau: float = 4.0, weight: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+    """Σ over stages: CE(clip logits of the stage, label) + λ·smoothing. `stage_logits (S,B,T,C)`, `label (B,)`.
+    `reduction='none'`: the loss of every clip on its own, `(B,)` (no class weights)."""
+    _check_reduction(reduction, weight)
+    return sum(F.cross_entropy(clip_logits(p, mask), label.long(), weight=weight, reduction=reduction)
+               + smooth_weight * smoothing_loss(p, mask, tau, reduction) for p in stage_logits)
 
 def mil_loss(stage_logits: torch.Tensor, label: torch.Tensor, mask: torch.Tensor, smooth_weight: float = 0.15,
-             tau: float = 4.0, weight: torch.Tensor | None = None) -> torch.Tensor:
-    "Σ over stages: BCE(MIL top-k anomaly logit, video label) + λ·smoothing. `stage_logits (S,B,T,2)`, `label (B,)` 0/1."
+             tau: float = 4.0, weight: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+    """Σ over stages: BCE(MIL top-k anomaly logit, video label) + λ·smoothing. `stage_logits (S,B,T,2)`, `label (B,)` 0/1.
+    `reduction='none'`: the loss of every video on its own, `(B,)` (no class weights)."""
+    _check_reduction(reduction, weight)
     y = label.to(stage_logits.dtype)
     w = None if weight is None else weight.to(stage_logits)[label.long()]
-    return sum(F.binary_cross_entropy_with_logits(mil_topk(anomaly_logits(p), mask), y, weight=w)
-               + smooth_weight * smoothing_loss(p, mask, tau) for p in stage_logits)
+    return sum(F.binary_cross_entropy_with_logits(mil_topk(anomaly_logits(p), mask), y, weight=w, reduction=reduction)
+               + smooth_weight * smoothing_loss(p, mask, tau, reduction) for p in stage_logits)
 
 # %% ../nbs/07_mtcn.ipynb #cell-23
 def _lengths(mask: torch.Tensor) -> torch.Tensor:

@@ -133,14 +133,13 @@ def shard_batch(batch: Sequence[int], rank: int, world: int) -> tuple[list[int],
     return (part, [True] * len(part)) if part else ([batch[0]], [False])
 
 # %% ../nbs/09_train.ipynb #cell-20
-def _slice_out(v, i: int):
-    return {k: _slice_out(x, i) for k, x in v.items()} if isinstance(v, dict) else v[:, i:i + 1].float()
+def _float_out(v):
+    return {k: _float_out(x) for k, x in v.items()} if isinstance(v, dict) else v.float()
 
 def per_clip_losses(model: AVARNet, out: Mapping, label: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    "`(B,)` loss of every clip of a batch on its own (the loss reads only the stage logits)."
+    "`(B,)` loss of every clip of a batch on its own (the loss reads only the stage logits, in fp32)."
     keys = [k for k in out if k.endswith("stage_logits")]
-    return torch.stack([model.loss({k: _slice_out(out[k], i) for k in keys}, label[i:i + 1], mask[i:i + 1])
-                        for i in range(label.shape[0])])
+    return model.loss({k: _float_out(out[k]) for k in keys}, label, mask, reduction="none")
 
 # %% ../nbs/09_train.ipynb #cell-23
 _CKPT_FILES = ("config.json", "model.safetensors", "trainer_state.json")
@@ -453,7 +452,7 @@ def _train_loop(store, run_dir: Path, config, split, mcfg, tcfg, dist_: _Dist, d
     torch.manual_seed(derive_seed(tcfg.seed, _STREAM["init"]))
     model = AVARNet(mcfg).to(dev)
     opt_cls = torch.optim.Adam if tcfg.optimizer == "adam" else torch.optim.AdamW
-    opt = opt_cls(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    opt = opt_cls(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay, foreach=True)   # one fused update for all ~100 small tensors (CPU default: a loop)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, LRFactor(total, int(round(tcfg.warmup_frac * total)), tcfg.schedule))
     ts = {"epoch": 0, "global_step": 0, "best_epoch": None, "best_score": None, "bad_epochs": 0, "history": [],
           "done": False, "stopped_early": False, "select_on": sel_key}

@@ -474,34 +474,83 @@ def bench_pipeline(paths: Sequence, repeats: int = 5, cfg: Mapping | None = None
             "backbones": ex.backbones(fc), "config": {k: v for k, v in fc.to_dict().items()}}
 
 # %% ../nbs/13_bench.ipynb #cell-40
-def bench_train(repeats: int = 5, batch: int = 16, steps: int = 240, device: str = "cpu", warmup: int = 1, seed: int = 0) -> dict:
-    "MTCN (default AVARNet) training steps per second on random cached-size features."
+def _reference_mtcn_forward(m, x, mask=None):
+    """`avar_net.mtcn.MTCN.forward` in the MS-TCN reference formulation, with `m`'s own weights: `nn.Conv1d` on
+    `(B, F, T)`, `F.dropout` — the training-step baseline of `bench_train`."""
+    import torch
+    import torch.nn.functional as F
+    from avar_net.mtcn import check_sequence, _zero_pad
+    mask = check_sequence(x, mask)
+    h, msk = _zero_pad(x, mask).transpose(1, 2), mask.to(x.dtype).unsqueeze(1)
+    def stage(s, h):
+        out = s.conv_1x1(h) * msk
+        for layer in s.layers:
+            o = F.dropout(layer.conv_1x1(F.relu(layer.conv_dilated(out))), layer.dropout.p, m.training)
+            out = (out + o) * msk
+        return s.conv_out(out) * msk
+    out = stage(m.stage1, h); outs = [out]
+    for s in m.stages:
+        out = stage(s, F.softmax(out, dim=1) * msk); outs.append(out)
+    return torch.stack(outs).transpose(2, 3)
+
+def _per_clip_loop(model, out, label, mask):
+    "The per-clip losses computed clip by clip (`model.loss` on each clip alone): the baseline of `per_clip_losses`."
+    import torch
+    sl = lambda v, i: {k: sl(x, i) for k, x in v.items()} if isinstance(v, dict) else v[:, i:i + 1].float()
+    keys = [k for k in out if k.endswith("stage_logits")]
+    return torch.stack([model.loss({k: sl(out[k], i) for k in keys}, label[i:i + 1], mask[i:i + 1]) for i in range(label.shape[0])])
+
+def _train_pair(batch: int, steps: int, device: str, seed: int):
+    "Baseline and library training steps of the default AVARNet on the same random batch, with equal initial weights."
+    import copy, types
     import torch
     from avar_net.model import AVARNet, AVARNetConfig
+    from avar_net.train import per_clip_losses
     torch.manual_seed(seed)
     cfg = AVARNetConfig()
     model = AVARNet(cfg).to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=5e-4)
+    base = copy.deepcopy(model)
+    base.temporal.forward = types.MethodType(_reference_mtcn_forward, base.temporal)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-4, foreach=True)
+    opt_b = torch.optim.Adam(base.parameters(), lr=5e-4, foreach=False)
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(batch, steps, cfg.audio_dim, generator=g).to(device)
     v = torch.randn(batch, steps, cfg.video_dim, generator=g).to(device)
     lengths = torch.randint(max(1, steps // 2), steps + 1, (batch,), generator=g)
     mask = (torch.arange(steps)[None] < lengths[:, None]).to(device)
     y = torch.randint(0, cfg.num_classes, (batch,), generator=g).to(device)
+    with torch.no_grad():
+        model.eval(); base.eval()
+        diff = float((model(a, v, mask)["stage_logits"] - base(a, v, mask)["stage_logits"]).abs().max())
+        model.train(); base.train()
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        out = model(a, v, mask)
-        loss = model.loss(out, y, mask)
-        loss.backward(); opt.step()
-        return loss
+    def make(m, o, losses):
+        def step():
+            o.zero_grad(set_to_none=True)
+            loss = losses(m, m(a, v, mask), y, mask).mean()
+            loss.backward(); o.step()
+            return loss
+        return step
+    return model, base, cfg, make(base, opt_b, _per_clip_loop), make(model, opt, per_clip_losses), diff
 
-    t = interleave({"step": step}, repeats, warmup, device)["step"]
-    s = median(t)
-    return {"steps_per_s": 1.0 / s, "step_s": s, "clips_per_s": batch / s, "batch": batch, "steps": steps,
-            "params": int(model.num_parameters()), "gflop_forward": model.flops(T=steps, batch=batch) / 1e9,
-            "model": f"AVARNet(early, mtcn {cfg.num_stages}x{cfg.num_layers}x{cfg.num_f_maps})", "runs": t,
-            "repeats": int(repeats)}
+def bench_train(repeats: int = 5, batch: int = 16, steps: int = 240, device: str = "cpu", warmup: int = 1, seed: int = 0,
+                short_steps: int | None = 24) -> dict:
+    """Training steps per second of the default AVARNet (early fusion, 4x10x64 MTCN) on random cached-size features:
+    the library's step and the reference formulation's, interleaved; again on `short_steps`-step clips (None: skip)."""
+    model, _, cfg, base, ours, diff = _train_pair(batch, steps, device, seed)
+    t = interleave({"baseline": base, "ours": ours}, repeats, warmup, device)
+    s, sb = median(t["ours"]), median(t["baseline"])
+    res = {"steps_per_s": 1.0 / s, "step_s": s, "clips_per_s": batch / s, "baseline_step_s": sb, "speedup": ratio(sb, s),
+           "max_abs_diff": diff, "batch": batch, "steps": steps,
+           "params": int(model.num_parameters()), "gflop_forward": model.flops(T=steps, batch=batch) / 1e9,
+           "model": f"AVARNet(early, mtcn {cfg.num_stages}x{cfg.num_layers}x{cfg.num_f_maps})", "runs": t["ours"],
+           "baseline_runs": t["baseline"], "repeats": int(repeats)}
+    if short_steps:
+        _, _, _, base2, ours2, diff2 = _train_pair(batch, int(short_steps), device, seed)
+        t2 = interleave({"baseline": base2, "ours": ours2}, repeats, warmup, device)
+        res["short"] = {"steps": int(short_steps), "step_s": median(t2["ours"]), "baseline_step_s": median(t2["baseline"]),
+                        "speedup": ratio(median(t2["baseline"]), median(t2["ours"])), "max_abs_diff": diff2}
+    return res
 
 # %% ../nbs/13_bench.ipynb #cell-43
 TARGETS = {   # name: (key path in the result, comparison, threshold)
@@ -692,7 +741,9 @@ def format_bench(res: Mapping) -> str:
                f"CPU time {_f(p.get('cpu_overhead'), '{:.3f}x')}) "
                f"({p.get('clips', '?')} clips, {p.get('mode', '?')} path)")
     out.append(f"train      {t.get('model', 'AVARNet')} batch {t.get('batch', '?')} x {t.get('steps', '?')} steps: "
-               f"{_f(t.get('steps_per_s'), '{:.2f}')} steps/s ({_f(t.get('clips_per_s'), '{:.1f}')} clips/s)")
+               f"{_f(t.get('steps_per_s'), '{:.2f}')} steps/s ({_f(t.get('clips_per_s'), '{:.1f}')} clips/s), "
+               f"{_f(t.get('speedup'), '{:.2f}x')} the reference formulation; {(t.get('short') or {}).get('steps', '?')}-step clips: "
+               f"{_f((t.get('short') or {}).get('speedup'), '{:.2f}x')}")
     out.append(f"long video {lv.get('note', '')}: peak RSS {_f(res.get('long_video_peak_rss_mb'), '{:.0f}')} MB "
                f"(after loading models {_f(lv.get('rss_after_load_mb'), '{:.0f}')} MB), extraction {_f(lv.get('extract_s'), '{:.0f}')} s\n")
     rows = []
@@ -733,7 +784,7 @@ def efficiency_table(res: Mapping):
                  "latency_ms": _num(t.get("step_s")) * 1e3, "throughput": t.get("steps_per_s"), "unit": "steps/s",
                  "GFLOP_per_s": _num(t.get("gflop_forward")) * 3 * _num(t.get("steps_per_s")),
                  "roofline_pct": 100 * ratio(_num(t.get("gflop_forward")) * 3 * _num(t.get("steps_per_s")), _num(res.get("roofline_gflops"))),
-                 "speedup": None, "cosine": None})
+                 "speedup": t.get("speedup"), "cosine": None})
     d = res.get("decode") or {}
     rows.append({"module": "Decoding (PyAV, threaded)", "path": ", ".join(d.get("format") or []), "params_M": None,
                  "call": f"{d.get('clips')} clips", "GFLOP_per_call": None, "latency_ms": _num(d.get("seconds")) * 1e3,
@@ -766,7 +817,8 @@ def roofline_figure(res: Mapping):
         paths.append(m.get("path") or "?")
     t = res.get("train") or {}
     names.append("MTCN train\n(fwd+bwd)")
-    base.append(float("nan")); ours.append(_num(t.get("gflop_forward")) * 3 * _num(t.get("steps_per_s"))); paths.append("fp32")
+    base.append(_num(t.get("gflop_forward")) * 3 / _num(t.get("baseline_step_s")) if t.get("baseline_step_s") else float("nan"))
+    ours.append(_num(t.get("gflop_forward")) * 3 * _num(t.get("steps_per_s"))); paths.append("fp32")
     x = np.arange(len(names)); w = 0.38
     b1 = ax.bar(x - w / 2, np.nan_to_num(base), w, label="baseline: eager fp32", color="#9e9e9e")
     b2 = ax.bar(x + w / 2, np.nan_to_num(ours), w, label="avar_net path", color="#1f77b4")

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_audio.ipynb #cell-3
 from __future__ import annotations
-import os, re, json, math, contextlib
+import os, re, json, math, copy, warnings, contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'W2V_DEFAULT', 'W2V_FILES', 'cpu_flags', 'cpu_supports_bf16', 'resolve_precision', 'WeightSpec',
-           'parse_weight_spec', 'hub_offline', 'fetch_hub_files', 'pick_weight_file', 'load_state_file', 'random_init',
-           'tiny_wav2vec2_config', 'load_wav2vec2', 'conv_geometry', 'conv_out_len', 'chunk_bounds', 'stitch_keep',
-           'Float32Island', 'bake_weight_norm', 'cast_matmul_weights', 'AudioExtractor']
+__all__ = ['PRECISIONS', 'W2V_DEFAULT', 'W2V_FILES', 'INT8_MIN_COSINE', 'INT8_WEIGHT_MAX', 'cpu_flags', 'cpu_supports_bf16',
+           'int8_supported', 'resolve_precision', 'WeightSpec', 'parse_weight_spec', 'hub_offline', 'fetch_hub_files',
+           'pick_weight_file', 'load_state_file', 'random_init', 'tiny_wav2vec2_config', 'load_wav2vec2',
+           'conv_geometry', 'conv_out_len', 'chunk_bounds', 'stitch_keep', 'Float32Island', 'bake_weight_norm',
+           'cast_matmul_weights', 'Int8Linear', 'quantize_wav2vec2', 'int8_probe_wave', 'int8_check', 'AudioExtractor']
 
 # %% ../nbs/03_audio.ipynb #cell-6
 def cpu_flags() -> set[str]:
@@ -35,15 +36,30 @@ def cpu_supports_bf16() -> bool:
     if flags: return bool({"avx512_bf16", "amx_bf16"} & flags)
     return "AMX" in str(torch.backends.cpu.get_cpu_capability()).upper()
 
-PRECISIONS = ("auto", "fp32", "bf16")
+def int8_supported() -> bool:
+    "True where oneDNN's int8 GEMMs run here: an x86 CPU with AVX2 (or AVX-512) and PyTorch built with oneDNN."
+    cap = str(torch.backends.cpu.get_cpu_capability()).upper()
+    return (("AVX2" in cap or "AVX512" in cap) and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.onednn, "qlinear_pointwise") and hasattr(torch.ops.onednn, "qlinear_prepack"))
 
-def resolve_precision(precision: str = "auto", device="cpu") -> str:
-    "'bf16' or 'fp32': `auto` gives bf16 on CPUs with native bf16 and on CUDA GPUs with bf16, else fp32."
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+
+def resolve_precision(precision: str = "auto", device="cpu", int8: bool = False) -> str:
+    """'bf16', 'int8' or 'fp32'. `auto`: bf16 on CPUs with native bf16 and on CUDA GPUs with bf16; else, for a
+    model with an int8 path (`int8=True`: Wav2Vec2), int8 on CPUs where `int8_supported()`; else fp32. An explicit
+    'int8' is a CPU path: a model without one (`int8=False`: MobileViT) runs fp32 under it."""
     if precision not in PRECISIONS: raise ConfigError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
-    if precision != "auto": return precision
     dev = auto_device(device) if str(device) == "auto" else torch.device(device)
+    if precision == "int8":
+        if dev.type != "cpu": raise ConfigError(f"precision='int8' is a CPU path; on {dev.type} use 'bf16' or 'auto'")
+        if not int8: return "fp32"
+        if not int8_supported(): raise ConfigError("precision='int8' needs an x86 CPU with AVX2 and PyTorch built with oneDNN; use 'auto' or 'fp32'")
+        return "int8"
+    if precision != "auto": return precision
     if dev.type == "cuda": return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if dev.type == "cpu": return "bf16" if cpu_supports_bf16() else "fp32"
+    if dev.type == "cpu":
+        if cpu_supports_bf16(): return "bf16"
+        return "int8" if int8 and int8_supported() else "fp32"
     return "fp32"
 
 # %% ../nbs/03_audio.ipynb #cell-11
@@ -249,6 +265,84 @@ def cast_matmul_weights(model: nn.Module, dtype=torch.bfloat16) -> int:
             m.to(dtype); n += 1
     return n
 
+# %% ../nbs/03_audio.ipynb #f38e5b08
+INT8_MIN_COSINE = 0.99   # every probe vector of the int8 model must be this close to fp32, else fp32 runs
+INT8_WEIGHT_MAX = 63     # 7-bit weights: no int16 saturation in AVX2's u8·s8 multiply-add (see `Int8Linear`)
+
+def _quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    "Per-tensor asymmetric uint8 quantisation of `x` (range widened to include 0) -> (uint8 tensor, scale, zero point)."
+    lo, hi = torch.aminmax(x)
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = (hi - lo) / 255.0 or 1.0
+    zp = int(min(255, max(0, round(-lo / scale))))
+    return torch.quantize_per_tensor(x.contiguous(), scale, zp, torch.quint8).int_repr(), scale, zp
+
+class Int8Linear(nn.Module):
+    """`post(x Wᵀ + b)` with W in 7-bit int8 (±63, one scale per output channel) and x quantised per call to uint8
+    (one scale and zero point per call); int32 accumulation in oneDNN, fp32 out. `post` is 'none' or 'gelu' (exact
+    GELU, applied by oneDNN on the way out). Inference only, CPU only. Why 7 bits: without VNNI, oneDNN multiplies
+    with AVX2's `vpmaddubsw`, whose u8·s8 pair sums saturate at int16 — 255·127·2 can, 255·63·2 cannot."""
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, post: str = "none"):
+        super().__init__()
+        if post not in ("none", "gelu"): raise ValueError(f"post must be 'none' or 'gelu', got {post!r}")
+        w = weight.detach().float()
+        self.out_features, self.in_features = w.shape
+        self.register_buffer("w_scale", (w.abs().amax(1).clamp_min(1e-12) / INT8_WEIGHT_MAX).float())
+        self.register_buffer("w_zero", torch.zeros(w.shape[0], dtype=torch.int32))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self._packed = torch.ops.onednn.qlinear_prepack(torch.round(w / self.w_scale[:, None]).clamp(-INT8_WEIGHT_MAX, INT8_WEIGHT_MAX).to(torch.int8), None)
+        self.post = post
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, post: str = "none") -> "Int8Linear": return cls(lin.weight, lin.bias, post)
+    def matmul_q(self, q: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
+        "(M, in) uint8 already quantised with (scale, zp) -> (M, out) fp32."
+        return torch.ops.onednn.qlinear_pointwise(q, scale, zp, self._packed, self.w_scale, self.w_zero, self.bias,
+                                                  1.0, 0, torch.float32, self.post, [], "none")
+    def forward(self, x):
+        q, scale, zp = _quantize_act(x.float())
+        return self.matmul_q(q.reshape(-1, self.in_features), scale, zp).view(*x.shape[:-1], self.out_features)
+    def extra_repr(self): return f"in_features={self.in_features}, out_features={self.out_features}, int8, post={self.post}"
+
+def _is_exact_gelu(act) -> bool:
+    f = getattr(act, "act", act)
+    return f is torch.nn.functional.gelu or (isinstance(act, nn.GELU) and act.approximate == "none")
+
+def quantize_wav2vec2(model: nn.Module) -> dict:
+    """In place, for CPU inference: every `nn.Linear` -> `Int8Linear` (the feed-forward's first one with its exact
+    GELU fused); the conv feature encoder stays fp32 (see above). Returns what was converted. (Bake the
+    positional conv's weight norm, `bake_weight_norm`, *before* copying a model to quantise: PyTorch's parametrised
+    classes are shared between deep copies, and removing the parametrisation from one copy breaks the other.)"""
+    if not int8_supported(): raise ConfigError("the int8 path needs an x86 CPU with AVX2 and PyTorch built with oneDNN; use precision='fp32'")
+    fused = 0
+    for mod in model.modules():                 # Wav2Vec2FeedForward: intermediate_dense -> intermediate_act_fn
+        if isinstance(getattr(mod, "intermediate_dense", None), nn.Linear) and _is_exact_gelu(getattr(mod, "intermediate_act_fn", None)):
+            mod.intermediate_dense = Int8Linear.from_linear(mod.intermediate_dense, "gelu")
+            mod.intermediate_act_fn = nn.Identity(); fused += 1
+    n = fused
+    for mod in list(model.modules()):
+        for name, child in list(mod.named_children()):
+            if type(child) is nn.Linear: setattr(mod, name, Int8Linear.from_linear(child)); n += 1
+    return {"linears": n, "gelu_fused": fused}
+
+def int8_probe_wave(sr: int = 16000, seconds: float = 2.0) -> np.ndarray:
+    "A fixed probe signal: a 100 Hz → 4 kHz chirp, a two-tone chord, noise bursts and a quiet stretch (float32)."
+    n = int(round(seconds * sr)); t = np.arange(n) / sr; rng = np.random.default_rng(1234)
+    chirp = np.sin(2 * np.pi * (100 * t + (4000 - 100) / (2 * seconds) * t ** 2))
+    chord = 0.5 * np.sin(2 * np.pi * 440 * t) + 0.3 * np.sin(2 * np.pi * 1250 * t)
+    bursts = rng.standard_normal(n) * (np.sin(2 * np.pi * 3 * t) > 0.6)
+    x = np.where(t < seconds / 2, 0.6 * chirp, chord) + 0.4 * bursts
+    x[int(0.85 * n):] *= 0.01                                      # a quiet stretch
+    return x.astype(np.float32)
+
+def int8_check(fp32_model: nn.Module, int8_model: nn.Module, wave: np.ndarray, normalize: bool = True) -> dict:
+    "Row-wise cosine of the int8 model's last hidden state to fp32 on `wave` -> {'cosine_min', 'cosine_mean', 'vectors'}."
+    x = torch.from_numpy(np.asarray(wave, np.float32))[None]
+    if normalize: x = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + 1e-7)
+    with torch.inference_mode():
+        a, b = fp32_model(x).last_hidden_state[0], int8_model(x).last_hidden_state[0]
+    c = torch.nn.functional.cosine_similarity(a.double(), b.double(), -1)
+    return {"cosine_min": float(c.min()), "cosine_mean": float(c.mean()), "vectors": int(c.numel())}
+
 # %% ../nbs/03_audio.ipynb #cell-30
 class AudioExtractor:
     """Frozen Wav2Vec2: `features(wave)` -> (times (N,), vectors (N, D) float32); `extract(wave, grid)` -> (T, D).
@@ -268,7 +362,19 @@ class AudioExtractor:
         if not -(self.num_layers + 1) <= layer <= self.num_layers:
             raise ConfigError(f"layer {layer} out of range for {self.backbone} ({self.num_layers} transformer layers: -{self.num_layers + 1}..{self.num_layers})")
         self.layer = layer % (self.num_layers + 1)
-        self.precision_used = resolve_precision(precision, self.device)
+        self.precision_used = resolve_precision(precision, self.device, int8=True)
+        self.int8_check = None
+        if self.precision_used == "int8":  # quantise a copy; keep it only if the probe agrees with fp32 (see above)
+            bake_weight_norm(model)                 # exact; before the copy (see quantize_wav2vec2)
+            qm = copy.deepcopy(model); info = quantize_wav2vec2(qm)
+            self.int8_check = {**int8_check(model, qm, int8_probe_wave(self.sr), self.do_normalize), **info,
+                               "min_required": INT8_MIN_COSINE, "probe": "int8_probe_wave, 2 s"}
+            if self.int8_check["cosine_min"] >= INT8_MIN_COSINE: model = qm
+            else:
+                warnings.warn(f"{self.backbone}: int8 features reach only cosine {self.int8_check['cosine_min']:.4f} "
+                              f"(< {INT8_MIN_COSINE}) to fp32 on the probe signal; running fp32 instead", stacklevel=2)
+                self.precision_used = "fp32"
+            del qm
         if self.precision_used == "bf16":  # first conv + its (group) norm stay in fp32, see above
             model.feature_extractor.conv_layers[0] = Float32Island(model.feature_extractor.conv_layers[0])
             bake_weight_norm(model)
@@ -289,7 +395,8 @@ class AudioExtractor:
         "Everything that determines the features (for manifests and cache keys)."
         return dict(backbone=self.backbone, weights_id=self.weights_id, layer=self.layer, dim=self.dim, sr=self.sr,
                     do_normalize=self.do_normalize, chunk_s=self.chunk_s, overlap_s=self.overlap_s,
-                    precision_used=self.precision_used, hop=self.hop, receptive_field=self.receptive_field)
+                    precision_used=self.precision_used, hop=self.hop, receptive_field=self.receptive_field,
+                    **({"int8_check": self.int8_check} if self.int8_check else {}))
 
     def times(self, n_vectors: int) -> np.ndarray:
         "Centre time (s) of vectors 0..n-1: (i·hop + receptive_field/2) / sr."

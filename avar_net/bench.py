@@ -96,10 +96,12 @@ def roofline_sizes(n: int = 2048, device: str = "cpu") -> dict:
     (a 2048³ product took 60 s on the AVX2 EPYC), so its bf16 matmul shrinks to 256³: still a rate, in seconds."""
     from avar_net.audio import resolve_precision         # 'auto' picks bf16 exactly where the hardware has it
     nat = resolve_precision("auto", device) == "bf16"
-    return {"n": int(n), "bf16_n": int(n) if nat else min(int(n), 256), "bf16_native": nat}
+    i8 = resolve_precision("auto", device, int8=True) == "int8"   # Wav2Vec2 runs int8 here: measure that roofline too
+    return {"n": int(n), "bf16_n": int(n) if nat else min(int(n), 256), "bf16_native": nat, "int8": i8}
 
-def matmul_fns(n: int = 2048, device: str = "cpu", bf16_n: int | None = None) -> dict[str, Callable[[], Any]]:
-    "{'roof_fp32', 'roof_bf16'}: callables doing one n×n @ n×n product in each precision (2n³ FLOP; bf16: `bf16_n`)."
+def matmul_fns(n: int = 2048, device: str = "cpu", bf16_n: int | None = None, int8: bool = False) -> dict[str, Callable[[], Any]]:
+    """{'roof_fp32', 'roof_bf16'[, 'roof_int8']}: callables doing one n×n @ n×n product in each precision (2n³ FLOP;
+    bf16: `bf16_n`). int8: the library's `Int8Linear` (per-call activation quantisation included), on the CPU."""
     import torch
     g = torch.Generator().manual_seed(0)
     fns = {}
@@ -108,18 +110,26 @@ def matmul_fns(n: int = 2048, device: str = "cpu", bf16_n: int | None = None) ->
         def f(a=a, b=b):
             with torch.inference_mode(): return a @ b
         fns[key] = f
+    if int8:
+        from avar_net.audio import Int8Linear
+        lin, x = Int8Linear(torch.randn(n, n, generator=g)), torch.randn(n, n, generator=g)
+        def f8(lin=lin, x=x):
+            with torch.inference_mode(): return lin(x)
+        fns["roof_int8"] = f8
     return fns
 
 def _roof_rates(t: Mapping[str, list], n: int, bf16_n: int | None = None) -> dict:
     nb = int(bf16_n or n)
-    return {"fp32": 2.0 * n ** 3 / median(t["roof_fp32"]) / 1e9, "bf16": 2.0 * nb ** 3 / median(t["roof_bf16"]) / 1e9,
-            "n": int(n), "bf16_n": nb}
+    out = {"fp32": 2.0 * n ** 3 / median(t["roof_fp32"]) / 1e9, "bf16": 2.0 * nb ** 3 / median(t["roof_bf16"]) / 1e9,
+           "n": int(n), "bf16_n": nb}
+    if "roof_int8" in t: out["int8"] = 2.0 * n ** 3 / median(t["roof_int8"]) / 1e9
+    return out
 
 def matmul_roofline(n: int = 2048, repeats: int = 5, device: str = "cpu", warmup: int = 1) -> dict:
     """GFLOP/s of an n×n @ n×n matmul in fp32 and bf16 (median of `repeats`, interleaved) -> {'fp32', 'bf16', 'n',
     'bf16_n', 'bf16_native', ...}; see `roofline_sizes` for the bf16 size on CPUs that emulate it."""
     sz = roofline_sizes(n, device)
-    t = interleave(matmul_fns(n, device, sz["bf16_n"]), repeats, warmup, device)
+    t = interleave(matmul_fns(n, device, sz["bf16_n"], sz["int8"]), repeats, warmup, device)
     return {**_roof_rates(t, n, sz["bf16_n"]), "bf16_native": sz["bf16_native"], "fp32_s": median(t["roof_fp32"]),
             "bf16_s": median(t["roof_bf16"]), "repeats": int(repeats)}
 
@@ -344,14 +354,14 @@ def copy_weights(src, dst, allow_missing: Sequence[str] = ()) -> list[str]:
 
 def _timed_with_roofline(fns: dict, repeats: int, warmup: int, device: str, roofline: Mapping | None) -> tuple[dict, dict | None]:
     "Interleave `fns` with the two roofline matmuls (A B R32 R16 A B …) -> (times, roofline measured in these rounds)."
-    n, nb = (roofline or {}).get("n"), (roofline or {}).get("bf16_n")
-    t = interleave({**fns, **(matmul_fns(n, device, nb) if n else {})}, repeats, warmup, device)
+    n, nb, i8 = (roofline or {}).get("n"), (roofline or {}).get("bf16_n"), (roofline or {}).get("int8") is not None
+    t = interleave({**fns, **(matmul_fns(n, device, nb, i8) if n else {})}, repeats, warmup, device)
     return t, (_roof_rates(t, n, nb) if n else None)
 
 def _speed_report(t_base: list, t_ours: list, flop: int, roof: dict | None, path: str, cos: dict, **extra) -> dict:
     b, o = median(t_base), median(t_ours)
     bg, og = flop / b / 1e9, flop / o / 1e9
-    rf32 = (roof or {}).get("fp32"); rpath = (roof or {}).get("bf16" if "bf16" in path else "fp32")
+    rf32 = (roof or {}).get("fp32"); rpath = (roof or {}).get("bf16" if "bf16" in path else "int8" if "int8" in path else "fp32")
     paired = median([ratio(x, y) for x, y in zip(t_base, t_ours)])
     return {"baseline_s": b, "ours_s": o, "speedup": ratio(b, o), "cosine": cos["mean"], "cosine_min": cos["min"],
             "speedup_paired": paired, "speedup_min": ratio(min(t_base), min(t_ours)),
@@ -717,7 +727,8 @@ def format_bench(res: Mapping) -> str:
     emu = _get(res, "roofline.bf16_native") is False
     out.append(f"roofline (matmul {_get(res, 'roofline.n')}³): fp32 {_f(res.get('roofline_gflops'), '{:.1f}')} GFLOP/s, "
                f"bf16 {_f(res.get('roofline_bf16_gflops'), '{:.1f}')} GFLOP/s"
-               + (f" (emulated: no native bf16 on this CPU, {_get(res, 'roofline.bf16_n')}³; the fast paths fall back to fp32)" if emu else "") + "\n")
+               + (f" (emulated: no native bf16 on this CPU, {_get(res, 'roofline.bf16_n')}³; the fast paths fall back to fp32)" if emu else "")
+               + (f", int8 {_f(_get(res, 'roofline.int8'), '{:.1f}')} GOP/s (Wav2Vec2's int8 path)" if _get(res, 'roofline.int8') else "") + "\n")
     rows = []
     for key, name in (("mobilevit", "MobileViT-S 256px"), ("wav2vec2", "Wav2Vec2-base")):
         m = res.get(key) or {}
@@ -805,7 +816,7 @@ def _num(v) -> float:
 
 # %% ../nbs/13_bench.ipynb #cell-52
 def roofline_figure(res: Mapping):
-    "Bar chart: achieved GFLOP/s of each backbone (baseline vs ours) under the fp32 and bf16 matmul rooflines."
+    "Bar chart: achieved GFLOP/s of each backbone (baseline vs ours) under the fp32 and bf16 (and int8) matmul rooflines."
     import matplotlib.pyplot as plt
     from avar_net.core import set_style
     set_style()
@@ -829,7 +840,7 @@ def roofline_figure(res: Mapping):
     # ceilings: the rooflines measured in the same rounds as each backbone (the roofline section's for training)
     locs = [(res.get(k) or {}).get("roofline_local") or {} for k in ("mobilevit", "wav2vec2")]
     locs.append({"fp32": res.get("roofline_gflops"), "bf16": res.get("roofline_bf16_gflops")})
-    for dt, ls in (("fp32", "--"), ("bf16", ":")):
+    for dt, ls in (("fp32", "--"), ("bf16", ":"), ("int8", "-.")):
         emu = dt == "bf16" and _get(res, "roofline.bf16_native") is False
         label = f"{dt} matmul roofline (measured alongside{'; emulated, no native bf16' if emu else ''})"
         for i, loc in enumerate(locs):
@@ -839,7 +850,7 @@ def roofline_figure(res: Mapping):
                 ax.annotate(f"{dt} {v:.0f}", (i + 0.48, v), ha="right", va="bottom", fontsize=6)
                 label = None                                  # one legend entry per precision
     ax.set_xticks(x, names); ax.set_ylabel("achieved GFLOP/s")
-    top = np.nanmax([*np.nan_to_num(base), *np.nan_to_num(ours), *[_num(l.get("bf16")) for l in locs], 1.0])
+    top = np.nanmax([*np.nan_to_num(base), *np.nan_to_num(ours), *[_num(l.get(k)) for l in locs for k in ("bf16", "int8")], 1.0])
     ax.set_ylim(0, 1.25 * top)
     dev = res.get("cpu_model") if str(res.get("device", "cpu")) == "cpu" else _get(res, "machine.gpu_name")
     ax.set_title(f"Achieved rate vs the machine's limit — {dev}" + (" (quick run)" if res.get("quick") else ""), fontsize=9)

@@ -311,7 +311,8 @@ def test_extract_pools_onto_the_grid():
 
 def test_precision_auto_falls_back_without_bf16(monkeypatch):
     monkeypatch.setattr(au, "cpu_supports_bf16", lambda: False)
-    assert resolve_precision("auto", "cpu") == "fp32"
+    monkeypatch.setattr(au, "int8_supported", lambda: False)
+    assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("auto", "cpu", int8=True) == "fp32"
     ex = AudioExtractor("random-tiny", precision="auto")
     assert ex.precision_used == "fp32"
     assert not isinstance(ex.model.feature_extractor.conv_layers[0], Float32Island)
@@ -349,3 +350,70 @@ def test_bf16_weights_stored_once_are_bit_identical_to_autocast(monkeypatch):
     plain.model.float()
     w = noise(2.0)
     np.testing.assert_array_equal(fast.features(w)[1], plain.features(w)[1])
+
+
+# ---------------------------------------------------------------- int8 (x86 CPUs without native bf16)
+
+needs_int8 = pytest.mark.skipif(not au.int8_supported(), reason="no oneDNN int8 kernels on this CPU")
+
+
+def test_resolve_precision_int8(monkeypatch):
+    monkeypatch.setattr(au, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(au, "int8_supported", lambda: True)
+    assert resolve_precision("auto", "cpu", int8=True) == "int8"
+    assert resolve_precision("auto", "cpu") == "fp32"               # a model without an int8 path
+    assert resolve_precision("int8", "cpu") == "fp32"
+    with pytest.raises(ConfigError, match="CPU path"): resolve_precision("int8", "cuda", int8=True)
+    monkeypatch.setattr(au, "cpu_supports_bf16", lambda: True)      # native bf16 wins over int8
+    assert resolve_precision("auto", "cpu", int8=True) == "bf16"
+    monkeypatch.setattr(au, "int8_supported", lambda: False)
+    with pytest.raises(ConfigError, match="AVX2"): resolve_precision("int8", "cpu", int8=True)
+
+
+@needs_int8
+def test_int8_extractor_agrees_with_fp32(monkeypatch):
+    monkeypatch.setattr(au, "cpu_supports_bf16", lambda: False)
+    ex = AudioExtractor("random-tiny", precision="auto")
+    assert ex.precision_used == "int8"
+    chk = ex.describe()["int8_check"]
+    assert chk["cosine_min"] >= au.INT8_MIN_COSINE and chk["linears"] == 13 and chk["gelu_fused"] == 2
+    assert not any(type(m) is torch.nn.Linear for m in ex.model.modules())
+    w = noise(5.0)
+    t8, f8 = ex.features(w)
+    t32, f32 = AudioExtractor("random-tiny", precision="fp32").features(w)
+    np.testing.assert_array_equal(t8, t32)
+    assert f8.dtype == np.float32 and cosine(f8, f32).min() > 0.99
+    assert 0 < np.abs(f8 - f32).max()                                # really a different (int8) computation
+
+
+@needs_int8
+def test_int8_rejected_by_probe_runs_fp32(monkeypatch):
+    monkeypatch.setattr(au, "INT8_MIN_COSINE", 1.01)                 # no int8 model can pass: the fallback must run
+    with pytest.warns(UserWarning, match="running fp32 instead"):
+        ex = AudioExtractor("random-tiny", precision="int8")
+    assert ex.precision_used == "fp32" and ex.describe()["int8_check"]["cosine_min"] < 1.01
+    w = noise(3.0)
+    np.testing.assert_array_equal(ex.features(w)[1], AudioExtractor("random-tiny", precision="fp32").features(w)[1])
+
+
+@needs_int8
+def test_int8_linear_does_not_saturate():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 64)
+    lin.weight.data.uniform_(-1, 1)                                  # many weights at their scale's edge
+    x = torch.rand(32, 256) * 4                                      # non-negative: large uint8 codes
+    with torch.inference_mode():
+        y, ref = au.Int8Linear.from_linear(lin)(x), lin(x)
+    assert torch.nn.functional.cosine_similarity(y, ref, -1).min() > 0.999
+
+
+@needs_int8
+def test_int8_check_catches_a_broken_model():
+    import copy
+    wm, *_ = load_wav2vec2("random-tiny")
+    au.bake_weight_norm(wm)
+    good, bad = copy.deepcopy(wm), copy.deepcopy(wm)
+    au.quantize_wav2vec2(good); au.quantize_wav2vec2(bad)
+    bad.feature_projection.projection.w_scale.mul_(4)
+    assert au.int8_check(wm, good, au.int8_probe_wave())["cosine_min"] >= au.INT8_MIN_COSINE
+    assert au.int8_check(wm, bad, au.int8_probe_wave())["cosine_min"] < au.INT8_MIN_COSINE

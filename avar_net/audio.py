@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'W2V_DEFAULT', 'W2V_FILES', 'INT8_MIN_COSINE', 'INT8_WEIGHT_MAX', 'cpu_flags', 'cpu_supports_bf16',
-           'int8_supported', 'resolve_precision', 'WeightSpec', 'parse_weight_spec', 'hub_offline', 'fetch_hub_files',
-           'pick_weight_file', 'load_state_file', 'random_init', 'tiny_wav2vec2_config', 'load_wav2vec2',
-           'conv_geometry', 'conv_out_len', 'chunk_bounds', 'stitch_keep', 'Float32Island', 'bake_weight_norm',
-           'cast_matmul_weights', 'Int8Linear', 'quantize_wav2vec2', 'int8_probe_wave', 'int8_check', 'AudioExtractor']
+__all__ = ['PRECISIONS', 'W2V_DEFAULT', 'W2V_FILES', 'INT8_MIN_COSINE', 'INT8_WEIGHT_MAX', 'INT8_SCHEME', 'cpu_flags',
+           'cpu_supports_bf16', 'int8_supported', 'resolve_precision', 'WeightSpec', 'parse_weight_spec', 'hub_offline',
+           'fetch_hub_files', 'pick_weight_file', 'load_state_file', 'random_init', 'tiny_wav2vec2_config',
+           'load_wav2vec2', 'conv_geometry', 'conv_out_len', 'chunk_bounds', 'stitch_keep', 'Float32Island',
+           'bake_weight_norm', 'cast_matmul_weights', 'Int8Linear', 'quantize_wav2vec2', 'int8_probe_wave',
+           'int8_check', 'AudioExtractor']
 
 # %% ../nbs/03_audio.ipynb #cell-6
 def cpu_flags() -> set[str]:
@@ -268,11 +269,15 @@ def cast_matmul_weights(model: nn.Module, dtype=torch.bfloat16) -> int:
 # %% ../nbs/03_audio.ipynb #f38e5b08
 INT8_MIN_COSINE = 0.99   # every probe vector of the int8 model must be this close to fp32, else fp32 runs
 INT8_WEIGHT_MAX = 63     # 7-bit weights: no int16 saturation in AVX2's u8·s8 multiply-add (see `Int8Linear`)
+# what the int8 features depend on, recorded in manifests and feature-cache keys: change it when the scheme changes
+INT8_SCHEME = "onednn linears: weights int8 7-bit per output channel; activations uint8 per call, each chunk alone; conv encoder fp32"
 
 def _quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
     "Per-tensor asymmetric uint8 quantisation of `x` (range widened to include 0) -> (uint8 tensor, scale, zero point)."
     lo, hi = torch.aminmax(x)
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise DataError("non-finite activations reached an int8 layer (NaN or Inf upstream); precision='fp32' propagates them instead")
     scale = (hi - lo) / 255.0 or 1.0
     zp = int(min(255, max(0, round(-lo / scale))))
     return torch.quantize_per_tensor(x.contiguous(), scale, zp, torch.quint8).int_repr(), scale, zp
@@ -299,6 +304,7 @@ class Int8Linear(nn.Module):
         return torch.ops.onednn.qlinear_pointwise(q, scale, zp, self._packed, self.w_scale, self.w_zero, self.bias,
                                                   1.0, 0, torch.float32, self.post, [], "none")
     def forward(self, x):
+        if x.numel() == 0: return x.new_zeros(*x.shape[:-1], self.out_features, dtype=torch.float32)
         q, scale, zp = _quantize_act(x.float())
         return self.matmul_q(q.reshape(-1, self.in_features), scale, zp).view(*x.shape[:-1], self.out_features)
     def extra_repr(self): return f"in_features={self.in_features}, out_features={self.out_features}, int8, post={self.post}"
@@ -334,12 +340,14 @@ def int8_probe_wave(sr: int = 16000, seconds: float = 2.0) -> np.ndarray:
     x[int(0.85 * n):] *= 0.01                                      # a quiet stretch
     return x.astype(np.float32)
 
-def int8_check(fp32_model: nn.Module, int8_model: nn.Module, wave: np.ndarray, normalize: bool = True) -> dict:
-    "Row-wise cosine of the int8 model's last hidden state to fp32 on `wave` -> {'cosine_min', 'cosine_mean', 'vectors'}."
+def int8_check(fp32_model: nn.Module, int8_model: nn.Module, wave: np.ndarray, normalize: bool = True, layer: int | None = None) -> dict:
+    """Row-wise cosine of the int8 model's hidden state `layer` (None: the last) to fp32 on `wave`
+    -> {'cosine_min', 'cosine_mean', 'vectors'}."""
     x = torch.from_numpy(np.asarray(wave, np.float32))[None]
     if normalize: x = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + 1e-7)
+    pick = (lambda o: o.last_hidden_state[0]) if layer is None else (lambda o: o.hidden_states[layer][0])
     with torch.inference_mode():
-        a, b = fp32_model(x).last_hidden_state[0], int8_model(x).last_hidden_state[0]
+        a, b = (pick(m(x, output_hidden_states=layer is not None)) for m in (fp32_model, int8_model))
     c = torch.nn.functional.cosine_similarity(a.double(), b.double(), -1)
     return {"cosine_min": float(c.min()), "cosine_mean": float(c.mean()), "vectors": int(c.numel())}
 
@@ -367,8 +375,9 @@ class AudioExtractor:
         if self.precision_used == "int8":  # quantise a copy; keep it only if the probe agrees with fp32 (see above)
             bake_weight_norm(model)                 # exact; before the copy (see quantize_wav2vec2)
             qm = copy.deepcopy(model); info = quantize_wav2vec2(qm)
-            self.int8_check = {**int8_check(model, qm, int8_probe_wave(self.sr), self.do_normalize), **info,
-                               "min_required": INT8_MIN_COSINE, "probe": "int8_probe_wave, 2 s"}
+            self.int8_check = {**int8_check(model, qm, int8_probe_wave(self.sr), self.do_normalize,
+                                          None if self.layer == self.num_layers else self.layer), **info,
+                               "min_required": INT8_MIN_COSINE, "probe": "int8_probe_wave, 2 s", "layer": self.layer}
             if self.int8_check["cosine_min"] >= INT8_MIN_COSINE: model = qm
             else:
                 warnings.warn(f"{self.backbone}: int8 features reach only cosine {self.int8_check['cosine_min']:.4f} "
@@ -396,7 +405,8 @@ class AudioExtractor:
         return dict(backbone=self.backbone, weights_id=self.weights_id, layer=self.layer, dim=self.dim, sr=self.sr,
                     do_normalize=self.do_normalize, chunk_s=self.chunk_s, overlap_s=self.overlap_s,
                     precision_used=self.precision_used, hop=self.hop, receptive_field=self.receptive_field,
-                    **({"int8_check": self.int8_check} if self.int8_check else {}))
+                    **({"int8_check": self.int8_check} if self.int8_check else {}),
+                    **({"int8_scheme": INT8_SCHEME} if self.precision_used == "int8" else {}))
 
     def times(self, n_vectors: int) -> np.ndarray:
         "Centre time (s) of vectors 0..n-1: (i·hop + receptive_field/2) / sr."
@@ -404,6 +414,8 @@ class AudioExtractor:
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         "(B, L) equal-length chunks -> (B, n, D) float32. Never gets an attention mask (no padding exists)."
+        if self.precision_used == "int8" and len(x) > 1:   # one chunk per call: its scales depend on that chunk alone
+            return torch.cat([self._encode(x[i:i + 1]) for i in range(len(x))])
         if self.do_normalize:
             x = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + 1e-7)
         last = self.layer == self.num_layers

@@ -352,9 +352,9 @@ def copy_weights(src, dst, allow_missing: Sequence[str] = ()) -> list[str]:
     dst.load_state_dict(sd, strict=False)
     return missing
 
-def _timed_with_roofline(fns: dict, repeats: int, warmup: int, device: str, roofline: Mapping | None) -> tuple[dict, dict | None]:
+def _timed_with_roofline(fns: dict, repeats: int, warmup: int, device: str, roofline: Mapping | None, int8: bool = False) -> tuple[dict, dict | None]:
     "Interleave `fns` with the two roofline matmuls (A B R32 R16 A B …) -> (times, roofline measured in these rounds)."
-    n, nb, i8 = (roofline or {}).get("n"), (roofline or {}).get("bf16_n"), (roofline or {}).get("int8") is not None
+    n, nb, i8 = (roofline or {}).get("n"), (roofline or {}).get("bf16_n"), int8 and (roofline or {}).get("int8") is not None
     t = interleave({**fns, **(matmul_fns(n, device, nb, i8) if n else {})}, repeats, warmup, device)
     return t, (_roof_rates(t, n, nb) if n else None)
 
@@ -456,7 +456,8 @@ def bench_wav2vec2(repeats: int = 5, seconds: float = 10.0, device: str = "cpu",
     def run_ours(): last["ours"] = ours.features(wave)[1]
 
     flop = count_flops(forward)      # under no_grad: the weight-norm parametrisation of the positional conv fails in inference_mode
-    t, roof = _timed_with_roofline({"baseline": run_base, "ours": run_ours}, repeats, warmup, device, roofline)
+    t, roof = _timed_with_roofline({"baseline": run_base, "ours": run_ours}, repeats, warmup, device, roofline,
+                                   int8=ours.precision_used == "int8")
     fb, fo = last["base"].float().cpu().numpy(), np.asarray(last["ours"], np.float32)
     if fb.shape != fo.shape:
         raise AvarError(f"wav2vec2 features differ in shape: baseline {fb.shape}, ours {fo.shape} (chunking should not change {seconds:g} s)")
@@ -727,7 +728,7 @@ def format_bench(res: Mapping) -> str:
     emu = _get(res, "roofline.bf16_native") is False
     out.append(f"roofline (matmul {_get(res, 'roofline.n')}³): fp32 {_f(res.get('roofline_gflops'), '{:.1f}')} GFLOP/s, "
                f"bf16 {_f(res.get('roofline_bf16_gflops'), '{:.1f}')} GFLOP/s"
-               + (f" (emulated: no native bf16 on this CPU, {_get(res, 'roofline.bf16_n')}³; the fast paths fall back to fp32)" if emu else "")
+               + (f" (emulated: no native bf16 on this CPU, {_get(res, 'roofline.bf16_n')}³; no bf16 path runs here)" if emu else "")
                + (f", int8 {_f(_get(res, 'roofline.int8'), '{:.1f}')} GOP/s (Wav2Vec2's int8 path)" if _get(res, 'roofline.int8') else "") + "\n")
     rows = []
     for key, name in (("mobilevit", "MobileViT-S 256px"), ("wav2vec2", "Wav2Vec2-base")):

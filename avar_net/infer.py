@@ -27,7 +27,11 @@ class Predictor:
         self.model, self.config = load_run(self.run_dir, checkpoint, device=self.device)
         f = self.config.get("features") or {}
         if "config" not in f: raise ConfigError(f"{self.run_dir / 'config.json'}: no extraction config recorded for the training features")
-        self.feature_cfg = FeatureConfig.from_dict({**f["config"], "device": str(self.device)})
+        fc = {**f["config"], "device": str(self.device)}
+        if fc.get("precision") == "int8":       # trained on int8 features: keep int8 where it runs, else the auto path
+            from avar_net.audio import int8_supported
+            if self.device.type != "cpu" or not int8_supported(): fc["precision"] = "auto"
+        self.feature_cfg = FeatureConfig.from_dict(fc)
         self.extractors = extractors or build_extractors(self.feature_cfg)
         want, got = f.get("resolved") or {}, self.extractors.resolved
         diff = [f"{k}: trained on {want.get(k)!r}, now {got.get(k)!r}" for k in _CHECKED if k in want and want.get(k) != got.get(k)]

@@ -417,3 +417,22 @@ def test_int8_check_catches_a_broken_model():
     bad.feature_projection.projection.w_scale.mul_(4)
     assert au.int8_check(wm, good, au.int8_probe_wave())["cosine_min"] >= au.INT8_MIN_COSINE
     assert au.int8_check(wm, bad, au.int8_probe_wave())["cosine_min"] < au.INT8_MIN_COSINE
+
+
+@needs_int8
+def test_int8_batched_chunks_equal_one_by_one_and_guards():
+    w = noise(7.0)
+    _, one = AudioExtractor("random-tiny", precision="int8", chunk_s=2.0, overlap_s=1.0, batch_size=1).features(w)
+    ex4 = AudioExtractor("random-tiny", precision="int8", chunk_s=2.0, overlap_s=1.0, batch_size=4)
+    _, four = ex4.features(w)
+    np.testing.assert_array_equal(one, four)                         # a chunk's features never depend on its neighbours
+    assert ex4.describe()["int8_scheme"] == au.INT8_SCHEME
+    lin = au.Int8Linear(torch.randn(8, 4))
+    assert lin(torch.zeros(0, 4)).shape == (0, 8)
+    with pytest.raises(DataError, match="non-finite"): lin(torch.tensor([[1.0, float("nan"), 0.0, 0.0]]))
+
+
+@needs_int8
+def test_int8_check_uses_the_extracted_layer():
+    ex = AudioExtractor("random-tiny", precision="int8", layer=1)
+    assert ex.int8_check["layer"] == 1 and ex.int8_check["vectors"] == 99

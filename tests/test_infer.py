@@ -130,3 +130,14 @@ def test_xd_predictor(tmp_path):
     assert r["step_s"] == pytest.approx(16 / 24) and len(r["step_scores"]) == (r["n_frames"] - 1) // 16
     assert np.allclose(r["step_scores"], np.asarray(r["step_probs"])[:, 1])
     plot_timeline(r, tmp_path / "xd.png")
+
+
+def test_int8_trained_run_loads_where_int8_cannot_run(vaar_run, tmp_path, monkeypatch):
+    import avar_net.audio as au
+    run = tmp_path / "run"; shutil.copytree(vaar_run["run"], run)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["features"]["config"]["precision"] = "int8"
+    (run / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.setattr(au, "int8_supported", lambda: False)          # e.g. an ARM laptop or a CUDA box
+    p = Predictor(run, device="cpu")
+    assert p.feature_cfg.precision == "auto" and p.extractors.audio.precision_used != "int8"

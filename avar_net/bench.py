@@ -97,7 +97,7 @@ def roofline_sizes(n: int = 2048, device: str = "cpu") -> dict:
     from avar_net.audio import resolve_precision         # 'auto' picks bf16 exactly where the hardware has it
     nat = resolve_precision("auto", device) == "bf16"
     i8 = resolve_precision("auto", device, int8=True) == "int8"   # Wav2Vec2 runs int8 here: measure that roofline too
-    return {"n": int(n), "bf16_n": int(n) if nat else min(int(n), 256), "bf16_native": nat, "int8": i8}
+    return {"n": int(n), "bf16_n": int(n) if nat else min(int(n), 256), "bf16_native": nat, "int8_path": i8}
 
 def matmul_fns(n: int = 2048, device: str = "cpu", bf16_n: int | None = None, int8: bool = False) -> dict[str, Callable[[], Any]]:
     """{'roof_fp32', 'roof_bf16'[, 'roof_int8']}: callables doing one n×n @ n×n product in each precision (2n³ FLOP;
@@ -129,7 +129,7 @@ def matmul_roofline(n: int = 2048, repeats: int = 5, device: str = "cpu", warmup
     """GFLOP/s of an n×n @ n×n matmul in fp32 and bf16 (median of `repeats`, interleaved) -> {'fp32', 'bf16', 'n',
     'bf16_n', 'bf16_native', ...}; see `roofline_sizes` for the bf16 size on CPUs that emulate it."""
     sz = roofline_sizes(n, device)
-    t = interleave(matmul_fns(n, device, sz["bf16_n"], sz["int8"]), repeats, warmup, device)
+    t = interleave(matmul_fns(n, device, sz["bf16_n"], sz["int8_path"]), repeats, warmup, device)
     return {**_roof_rates(t, n, sz["bf16_n"]), "bf16_native": sz["bf16_native"], "fp32_s": median(t["roof_fp32"]),
             "bf16_s": median(t["roof_bf16"]), "repeats": int(repeats)}
 

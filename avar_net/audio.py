@@ -7,7 +7,7 @@ from __future__ import annotations
 import os, re, json, math, copy, warnings, contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 import numpy as np
 from .core import ConfigError, WeightsError, DataError, sha256_file, hf_offline, auto_device
 hf_offline()  # before huggingface_hub / transformers are imported anywhere below
@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'W2V_DEFAULT', 'W2V_FILES', 'INT8_MIN_COSINE', 'INT8_WEIGHT_MAX', 'INT8_SCHEME', 'cpu_flags',
-           'cpu_supports_bf16', 'int8_supported', 'resolve_precision', 'WeightSpec', 'parse_weight_spec', 'hub_offline',
-           'fetch_hub_files', 'pick_weight_file', 'load_state_file', 'random_init', 'tiny_wav2vec2_config',
-           'load_wav2vec2', 'conv_geometry', 'conv_out_len', 'chunk_bounds', 'stitch_keep', 'Float32Island',
-           'bake_weight_norm', 'cast_matmul_weights', 'Int8Linear', 'quantize_wav2vec2', 'int8_probe_wave',
-           'int8_check', 'AudioExtractor']
+__all__ = ['PRECISIONS', 'W2V_DEFAULT', 'W2V_FILES', 'INT8_MIN_COSINE', 'INT8_WEIGHT_MAX', 'INT8_SCHEME', 'INT8_POSTS',
+           'cpu_flags', 'cpu_supports_bf16', 'int8_supported', 'resolve_precision', 'WeightSpec', 'parse_weight_spec',
+           'hub_offline', 'fetch_hub_files', 'pick_weight_file', 'load_state_file', 'random_init',
+           'tiny_wav2vec2_config', 'load_wav2vec2', 'conv_geometry', 'conv_out_len', 'chunk_bounds', 'stitch_keep',
+           'Float32Island', 'bake_weight_norm', 'cast_matmul_weights', 'Int8Linear', 'calibrate_int8',
+           'quantize_wav2vec2', 'int8_probe_wave', 'int8_check', 'AudioExtractor']
 
 # %% ../nbs/03_audio.ipynb #cell-6
 def cpu_flags() -> set[str]:
@@ -47,8 +47,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
 def resolve_precision(precision: str = "auto", device="cpu", int8: bool = False) -> str:
     """'bf16', 'int8' or 'fp32'. `auto`: bf16 on CPUs with native bf16 and on CUDA GPUs with bf16; else, for a
-    model with an int8 path (`int8=True`: Wav2Vec2), int8 on CPUs where `int8_supported()`; else fp32. An explicit
-    'int8' is a CPU path: a model without one (`int8=False`: MobileViT) runs fp32 under it."""
+    model with an int8 path (`int8=True`: Wav2Vec2, timm's MobileViT), int8 on CPUs where `int8_supported()`; else
+    fp32. An explicit 'int8' is a CPU path: a model without one (`int8=False`) runs fp32 under it."""
     if precision not in PRECISIONS: raise ConfigError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
     dev = auto_device(device) if str(device) == "auto" else torch.device(device)
     if precision == "int8":
@@ -282,14 +282,17 @@ def _quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
     zp = int(min(255, max(0, round(-lo / scale))))
     return torch.quantize_per_tensor(x.contiguous(), scale, zp, torch.quint8).int_repr(), scale, zp
 
+INT8_POSTS = ("none", "gelu", "swish")     # what oneDNN can apply to an Int8Linear's output on the way out
+
 class Int8Linear(nn.Module):
-    """`post(x Wᵀ + b)` with W in 7-bit int8 (±63, one scale per output channel) and x quantised per call to uint8
-    (one scale and zero point per call); int32 accumulation in oneDNN, fp32 out. `post` is 'none' or 'gelu' (exact
-    GELU, applied by oneDNN on the way out). Inference only, CPU only. Why 7 bits: without VNNI, oneDNN multiplies
+    """`post(x Wᵀ + b)` with W in 7-bit int8 (±63, one scale per output channel) and x quantised to uint8; int32
+    accumulation in oneDNN, fp32 out. `post` is 'none', 'gelu' (exact GELU) or 'swish' (SiLU), applied by oneDNN on
+    the way out. Activations get one scale and zero point per call (dynamic), unless `act_qparams` holds a fixed
+    (scale, zero point) — set by `calibrate_int8`. Inference only, CPU only. Why 7 bits: without VNNI, oneDNN multiplies
     with AVX2's `vpmaddubsw`, whose u8·s8 pair sums saturate at int16 — 255·127·2 can, 255·63·2 cannot."""
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, post: str = "none"):
         super().__init__()
-        if post not in ("none", "gelu"): raise ValueError(f"post must be 'none' or 'gelu', got {post!r}")
+        if post not in INT8_POSTS: raise ValueError(f"post must be one of {INT8_POSTS}, got {post!r}")
         w = weight.detach().float()
         self.out_features, self.in_features = w.shape
         self.register_buffer("w_scale", (w.abs().amax(1).clamp_min(1e-12) / INT8_WEIGHT_MAX).float())
@@ -297,6 +300,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self._packed = torch.ops.onednn.qlinear_prepack(torch.round(w / self.w_scale[:, None]).clamp(-INT8_WEIGHT_MAX, INT8_WEIGHT_MAX).to(torch.int8), None)
         self.post = post
+        self.act_qparams: tuple[float, int] | None = None   # fixed (scale, zero point); None: per call
+        self._seen: list[float] | None = None                # [min, max] of the inputs while calibrating
     @classmethod
     def from_linear(cls, lin: nn.Linear, post: str = "none") -> "Int8Linear": return cls(lin.weight, lin.bias, post)
     def matmul_q(self, q: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
@@ -305,9 +310,38 @@ class Int8Linear(nn.Module):
                                                   1.0, 0, torch.float32, self.post, [], "none")
     def forward(self, x):
         if x.numel() == 0: return x.new_zeros(*x.shape[:-1], self.out_features, dtype=torch.float32)
-        q, scale, zp = _quantize_act(x.float())
+        x = x.float()
+        if self._seen is not None:
+            lo, hi = torch.aminmax(x); self._seen = [min(self._seen[0], float(lo)), max(self._seen[1], float(hi))]
+        if self.act_qparams is None: q, scale, zp = _quantize_act(x)
+        else:                                                  # fixed scale: values outside its range saturate
+            scale, zp = self.act_qparams
+            q = torch.quantize_per_tensor(x.contiguous(), scale, zp, torch.quint8).int_repr()
         return self.matmul_q(q.reshape(-1, self.in_features), scale, zp).view(*x.shape[:-1], self.out_features)
-    def extra_repr(self): return f"in_features={self.in_features}, out_features={self.out_features}, int8, post={self.post}"
+    def extra_repr(self):
+        act = "per call" if self.act_qparams is None else f"fixed scale {self.act_qparams[0]:.3g}, zero point {self.act_qparams[1]}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8, post={self.post}, activations {act}"
+
+def calibrate_int8(model: nn.Module, run: Callable[[], Any], margin: float = 1.25) -> int:
+    """Fix the activation (scale, zero point) of every `Int8Linear` in `model`: the range of its inputs while `run()`
+    executes, widened `margin`-fold about its centre (and to include 0). Layers `run()` never reaches stay dynamic.
+    Returns how many were fixed. With fixed scales an input's result no longer depends on what else is in its call."""
+    if margin < 1: raise ConfigError(f"margin must be >= 1, got {margin}")
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    for m in layers: m.act_qparams, m._seen = None, [math.inf, -math.inf]
+    try:
+        with torch.inference_mode(): run()
+        seen = [m._seen for m in layers]
+    finally:
+        for m in layers: m._seen = None
+    n = 0
+    for m, (lo, hi) in zip(layers, seen):
+        if not (math.isfinite(lo) and math.isfinite(hi)): continue
+        mid, half = (hi + lo) / 2, (hi - lo) / 2 * margin
+        lo, hi = min(mid - half, 0.0), max(mid + half, 0.0)
+        scale = (hi - lo) / 255.0 or 1.0
+        m.act_qparams = (scale, int(min(255, max(0, round(-lo / scale))))); n += 1
+    return n
 
 def _is_exact_gelu(act) -> bool:
     f = getattr(act, "act", act)

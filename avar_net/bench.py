@@ -417,7 +417,8 @@ def bench_mobilevit(repeats: int = 5, batch: int = 16, device: str = "cpu", roof
     def run_ours(): last["ours"] = ours.features(frames)
 
     flop = count_flops(forward)
-    t, roof = _timed_with_roofline({"baseline": run_base, "ours": run_ours}, repeats, warmup, device, roofline)
+    t, roof = _timed_with_roofline({"baseline": run_base, "ours": run_ours}, repeats, warmup, device, roofline,
+                                   int8="int8" in ours.precision_used)
     cos = cosine(last["base"].float().cpu().numpy(), np.asarray(last["ours"], np.float32))
     return _speed_report(t["baseline"], t["ours"], flop, roof, str(ours.precision_used), cos,
                          call=f"{batch} frames at {ours.input_size} px", batch=batch, size=int(ours.input_size),
@@ -457,7 +458,7 @@ def bench_wav2vec2(repeats: int = 5, seconds: float = 10.0, device: str = "cpu",
 
     flop = count_flops(forward)      # under no_grad: the weight-norm parametrisation of the positional conv fails in inference_mode
     t, roof = _timed_with_roofline({"baseline": run_base, "ours": run_ours}, repeats, warmup, device, roofline,
-                                   int8=ours.precision_used == "int8")
+                                   int8="int8" in ours.precision_used)
     fb, fo = last["base"].float().cpu().numpy(), np.asarray(last["ours"], np.float32)
     if fb.shape != fo.shape:
         raise AvarError(f"wav2vec2 features differ in shape: baseline {fb.shape}, ours {fo.shape} (chunking should not change {seconds:g} s)")
@@ -729,7 +730,7 @@ def format_bench(res: Mapping) -> str:
     out.append(f"roofline (matmul {_get(res, 'roofline.n')}³): fp32 {_f(res.get('roofline_gflops'), '{:.1f}')} GFLOP/s, "
                f"bf16 {_f(res.get('roofline_bf16_gflops'), '{:.1f}')} GFLOP/s"
                + (f" (emulated: no native bf16 on this CPU, {_get(res, 'roofline.bf16_n')}³; no bf16 path runs here)" if emu else "")
-               + (f", int8 {_f(_get(res, 'roofline.int8'), '{:.1f}')} GOP/s (Wav2Vec2's int8 path)" if _get(res, 'roofline.int8') else "") + "\n")
+               + (f", int8 {_f(_get(res, 'roofline.int8'), '{:.1f}')} GOP/s (the int8 paths' linears)" if _get(res, 'roofline.int8') else "") + "\n")
     rows = []
     for key, name in (("mobilevit", "MobileViT-S 256px"), ("wav2vec2", "Wav2Vec2-base")):
         m = res.get(key) or {}

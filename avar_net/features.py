@@ -124,6 +124,7 @@ class Extractors:
                 "audio_precision": self.audio.precision_used, "video_precision": self.video.precision_used,
                 # the int8 scheme, only where int8 ran (so fp32 and bf16 keys stay as they were)
                 **({"audio_int8_scheme": s} if (s := getattr(self.audio, "describe", dict)().get("int8_scheme")) else {}),
+                **({"video_int8_scheme": s} if (s := getattr(self.video, "describe", dict)().get("int8_scheme")) else {}),
                 "audio_chunk_s": getattr(self.audio, "chunk_s", None), "audio_overlap_s": getattr(self.audio, "overlap_s", None),
                 # the architecture, not only the weights id: 'random-tiny:0' names different networks in different versions
                 "audio_dim": int(self.audio.dim), "video_dim": int(self.video.dim),

@@ -4,20 +4,25 @@
 
 # %% ../nbs/04_video.ipynb #cell-3
 from __future__ import annotations
-import json, math, contextlib
+import json, math, copy, warnings, contextlib
+from typing import Callable
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np
 from .core import ConfigError, WeightsError, DataError, sha256_file, auto_device
 from .audio import (parse_weight_spec, resolve_precision, fetch_hub_files, pick_weight_file, load_state_file,
-                            random_init, cast_matmul_weights, _quiet_transformers)
+                            random_init, cast_matmul_weights, _quiet_transformers, int8_supported, Int8Linear,
+                            calibrate_int8, INT8_MIN_COSINE)
 import torch
 from torch import nn
+import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
+from timm.models.mobilevit import MobileVitBlock
 
 # %% auto #0
-__all__ = ['TIMM_ARCHS', 'HF_REPOS', 'BACKENDS', 'Preprocess', 'fold_batchnorm', 'load_timm_mobilevit', 'tiny_mobilevit_config',
-           'init_like_cvnets', 'load_hf_mobilevit', 'VideoExtractor']
+__all__ = ['INT8_RANGE_MARGIN', 'MOBILEVIT_INT8_SCHEME', 'TIMM_ARCHS', 'HF_REPOS', 'BACKENDS', 'Preprocess', 'fold_batchnorm',
+           'MobileVitBlockNHWC', 'use_nhwc_unfold', 'mobilevit_probe_frames', 'quantize_mobilevit', 'feature_agreement',
+           'load_timm_mobilevit', 'tiny_mobilevit_config', 'init_like_cvnets', 'load_hf_mobilevit', 'VideoExtractor']
 
 # %% ../nbs/04_video.ipynb #cell-6
 _INTERP = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "bilinear", 5: "bilinear"}  # PIL resample codes
@@ -105,6 +110,77 @@ def fold_batchnorm(model: nn.Module) -> int:
             mod.convolution = _fold(mod.convolution, mod.normalization); mod.normalization = None
             n += 1
     return n
+
+# %% ../nbs/04_video.ipynb #80e31565
+class MobileVitBlockNHWC(MobileVitBlock):
+    """timm's `MobileVitBlock` with its unfold and fold each done as one permute in channels-last order: the same
+    tokens in the same order, so the same numbers. Sides that are not a multiple of the patch run timm's forward."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ph, pw = self.patch_size
+        if x.shape[-2] % ph or x.shape[-1] % pw: return super().forward(x)
+        shortcut = x
+        x = self.conv_1x1(self.conv_kxk(x))
+        B, C, H, W = x.shape
+        nh, nw = H // ph, W // pw
+        # (B, C, H, W) -> (B, nh, ph, nw, pw, C) -> (B·ph·pw, nh·nw, C): timm's token order
+        t = x.permute(0, 2, 3, 1).reshape(B, nh, ph, nw, pw, C).permute(0, 2, 4, 1, 3, 5).reshape(B * ph * pw, nh * nw, C)
+        t = self.norm(self.transformer(t))
+        x = t.view(B, ph, pw, nh, nw, C).permute(0, 3, 1, 4, 2, 5).reshape(B, H, W, C).permute(0, 3, 1, 2)
+        x = self.conv_proj(x)
+        if self.conv_fusion is not None: x = self.conv_fusion(torch.cat((shortcut, x), dim=1))
+        return x
+
+def use_nhwc_unfold(model: nn.Module) -> int:
+    "Switch every timm `MobileVitBlock` in `model` to `MobileVitBlockNHWC`, in place; returns how many."
+    n = 0
+    for m in model.modules():
+        if type(m) is MobileVitBlock: m.__class__ = MobileVitBlockNHWC; n += 1
+    return n
+
+# %% ../nbs/04_video.ipynb #9d151b4c
+INT8_RANGE_MARGIN = 1.25   # calibrated activation ranges are widened this much about their centre
+# what the int8 features depend on, recorded in manifests and feature-cache keys: change it when the scheme changes
+MOBILEVIT_INT8_SCHEME = ("onednn linears of the transformer blocks: weights int8 7-bit per output channel; activations uint8, "
+                         "one fixed scale per linear calibrated on mobilevit_probe_frames('calibrate'), range x1.25; convolutions fp32")
+
+def mobilevit_probe_frames(kind: str = "check", size: int = 256) -> torch.Tensor:
+    """Fixed uint8 RGB frames (8, 3, size, size): smooth colour fields, a dark frame (in 'check': a dark scene with a
+    bright square), an overexposed frame, noise and a hard-edged pattern (a checkerboard in 'calibrate', stripes in
+    'check'). The two kinds are different draws."""
+    if kind not in ("calibrate", "check"): raise ValueError(f"kind must be 'calibrate' or 'check', got {kind!r}")
+    g = torch.Generator().manual_seed(11 if kind == "calibrate" else 23)
+    x = F.interpolate(torch.rand(8, 3, 4, 4, generator=g), size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+    x = x + 0.03 * torch.randn(x.shape, generator=g)
+    x[4] *= 0.05                                                      # dark
+    if kind == "check": a, b = size // 4, 3 * size // 4; x[4, :, a:b, a:b] = 0.9   # ... with a bright square
+    x[5] = 0.88 + 0.12 * x[5]                                         # overexposed
+    x[6] = torch.rand(3, size, size, generator=g)                     # noise
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    cell = max(size // 16, 1)
+    pat = (yy // cell + xx // cell) % 2 if kind == "calibrate" else (xx // cell) % 2
+    x[7] = pat.float()[None] * torch.tensor([0.9, 0.6, 0.3])[:, None, None]
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+def quantize_mobilevit(model: nn.Module) -> dict:
+    """In place, for CPU inference: every linear inside the transformer of a timm `MobileVitBlock` -> `Int8Linear`,
+    each MLP's first linear with its SiLU fused; convolutions stay fp32. Returns what was converted. Activation
+    scales are per call until `calibrate_int8` fixes them."""
+    if not int8_supported(): raise ConfigError("the int8 path needs an x86 CPU with AVX2 and PyTorch built with oneDNN; use precision='fp32'")
+    n = fused = 0
+    for blk in [m for m in model.modules() if isinstance(m, MobileVitBlock)]:
+        for mod in blk.transformer.modules():                        # timm Mlp: fc1 -> act -> drop -> norm -> fc2
+            if type(getattr(mod, "fc1", None)) is nn.Linear and type(getattr(mod, "act", None)) is nn.SiLU:
+                mod.fc1 = Int8Linear.from_linear(mod.fc1, "swish"); mod.act = nn.Identity(); fused += 1
+        for mod in list(blk.transformer.modules()):
+            for name, child in list(mod.named_children()):
+                if type(child) is nn.Linear: setattr(mod, name, Int8Linear.from_linear(child)); n += 1
+    return {"linears": n + fused, "swish_fused": fused}
+
+def feature_agreement(ref: Callable, test: Callable, x: torch.Tensor) -> dict:
+    "Row-wise cosine of `test(x)` to `ref(x)` -> {'cosine_min', 'cosine_mean', 'vectors'}."
+    with torch.inference_mode(): a, b = ref(x).double(), test(x).double()
+    c = F.cosine_similarity(a, b, -1)
+    return {"cosine_min": float(c.min()), "cosine_mean": float(c.mean()), "vectors": int(c.numel())}
 
 # %% ../nbs/04_video.ipynb #cell-12
 TIMM_ARCHS = ("mobilevit_s", "mobilevit_xs", "mobilevit_xxs")
@@ -247,13 +323,16 @@ class VideoExtractor:
         self.dim = int(model.num_features if backend == "timm" else model.config.neck_hidden_sizes[-1])
         self.input_size = int(self.preprocess.input_size)
         self.decode_size = int(self.preprocess.resize or self.input_size)
-        prec = resolve_precision(precision, self.device)
+        prec = resolve_precision(precision, self.device, int8=backend == "timm")
         self._autocast = prec == "bf16"
         self._fast = precision != "fp32"  # fp32 asked explicitly = the plain eager baseline
+        self.int8_check = None
         if self._fast:
             fold_batchnorm(model)
             model = model.to(memory_format=torch.channels_last)
+            if backend == "timm": use_nhwc_unfold(model)
             if self._autocast: cast_matmul_weights(model, torch.bfloat16)  # what autocast would cast on every call
+        if prec == "int8": model, prec = self._int8(model)
         self.precision_used = prec + ("+channels_last" if self._fast else "")
         self.model = model.to(self.device)
         # frames per call through the stem and the first two stages (the 128 and 64 px ones), see "The fast CPU path"
@@ -263,6 +342,20 @@ class VideoExtractor:
         if self.stem_batch and not (backend == "timm" and all(hasattr(model, a) for a in ("stem", "stages", "final_conv"))):
             self.stem_batch = None                                # only timm's ByobNet layout is split
 
+    def _int8(self, model: nn.Module) -> tuple[nn.Module, str]:
+        "Quantise and calibrate a copy; keep it only if the check frames agree with fp32 (see \"The int8 path\")."
+        qm = copy.deepcopy(model); info = quantize_mobilevit(qm)
+        probe = lambda kind: self.preprocess(mobilevit_probe_frames(kind, self.decode_size)).contiguous(memory_format=torch.channels_last)
+        xc = probe("calibrate")
+        calibrated = calibrate_int8(qm, lambda: qm(xc), INT8_RANGE_MARGIN)
+        self.int8_check = {**feature_agreement(model, qm, probe("check")), **info, "calibrated": calibrated,
+                           "min_required": INT8_MIN_COSINE, "probe": "mobilevit_probe_frames('check'), 8 frames",
+                           "calibration": "mobilevit_probe_frames('calibrate'), 8 frames"}
+        if self.int8_check["cosine_min"] >= INT8_MIN_COSINE: return qm, "int8"
+        warnings.warn(f"{self.backbone}: int8 features reach only cosine {self.int8_check['cosine_min']:.4f} "
+                      f"(< {INT8_MIN_COSINE}) to fp32 on the check frames; running fp32 instead", stacklevel=3)
+        return model, "fp32"
+
     def __repr__(self):
         return (f"VideoExtractor({self.backbone!r}, backend={self.backend!r}, arch={self.arch!r}, dim={self.dim}, "
                 f"input_size={self.input_size}, precision_used={self.precision_used!r}, device={str(self.device)!r}, weights_id={self.weights_id!r})")
@@ -271,7 +364,9 @@ class VideoExtractor:
         "Everything that determines the features (for manifests and cache keys)."
         return dict(backbone=self.backbone, backend=self.backend, arch=self.arch, weights_id=self.weights_id, dim=self.dim,
                     input_size=self.input_size, decode_size=self.decode_size, preprocess=asdict(self.preprocess),
-                    precision_used=self.precision_used, stem_batch=self.stem_batch)
+                    precision_used=self.precision_used, stem_batch=self.stem_batch,
+                    **({"int8_check": self.int8_check} if self.int8_check else {}),
+                    **({"int8_scheme": MOBILEVIT_INT8_SCHEME} if self.precision_used.startswith("int8") else {}))
 
     def _timm(self, x: torch.Tensor) -> torch.Tensor:
         "timm MobileViT, pooled; the high-resolution front in micro-batches of `stem_batch` frames (same arithmetic)."

@@ -10,6 +10,7 @@ import torch
 
 from avar_net.core import VAAR_CLASSES, ConfigError, DataError, sha256_file
 import avar_net.features as F
+from avar_net.video import MOBILEVIT_INT8_SCHEME
 from avar_net.features import (FeatureConfig, FeatureStore, FeatureDataset, build_extractors, collate_features,
                                extract_clip, extract_dataset, clip_file, status_file, iter_status)
 
@@ -327,3 +328,14 @@ def test_readers_refuse_a_missing_listed_file_unless_asked(mixed_root):
     recs = read_vaar(mixed_root, missing="keep")
     assert [r for r in recs if r.path.name == "deleted.mp4"] and len(recs) == len(_splits(mixed_root))
     with pytest.raises(ConfigError, match="missing must be"): read_vaar(mixed_root, missing="skip")
+
+
+@pytest.mark.skipif(not __import__("avar_net.audio", fromlist=["x"]).int8_supported(), reason="no oneDNN int8 kernels on this CPU")
+def test_int8_schemes_are_part_of_the_cache_key(monkeypatch):
+    import avar_net.audio as au
+    monkeypatch.setattr(au, "cpu_supports_bf16", lambda: False)
+    r8 = build_extractors(FeatureConfig(**{**TINY, "precision": "int8"})).resolved
+    assert (r8["audio_precision"], r8["video_precision"]) == ("int8", "int8+channels_last")
+    assert r8["audio_int8_scheme"] == au.INT8_SCHEME and r8["video_int8_scheme"] == MOBILEVIT_INT8_SCHEME
+    r32 = build_extractors(FeatureConfig(**TINY)).resolved
+    assert not any("int8" in k for k in r32)                           # fp32 keys stay as they were

@@ -10,7 +10,9 @@ import avar_net.audio as au
 from avar_net.audio import random_init
 from avar_net.core import ConfigError, DataError, WeightsError, sha256_file
 from avar_net.data import TimeGrid
-from avar_net.video import Preprocess, VideoExtractor, fold_batchnorm, init_like_cvnets, tiny_mobilevit_config
+import avar_net.video as av
+from avar_net.video import (Preprocess, VideoExtractor, fold_batchnorm, init_like_cvnets, tiny_mobilevit_config,
+                            MobileVitBlockNHWC)
 
 
 def frames(n=4, size=64, seed=0):
@@ -270,12 +272,65 @@ def test_fast_path_agrees_with_fp32(monkeypatch, backend):
 
 def test_precision_falls_back_without_bf16(monkeypatch):
     monkeypatch.setattr(au, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(au, "int8_supported", lambda: False)   # neither bf16 nor int8 kernels: the fp32 fast path
     vx = VideoExtractor("random-tiny", precision="auto")
     assert vx.precision_used == "fp32+channels_last"  # fp32 maths, folded BN + channels-last layout
+    assert "int8_check" not in vx.describe() and "int8_scheme" not in vx.describe()
     ref = VideoExtractor("random-tiny", precision="fp32")
     fr = frames(3)
     np.testing.assert_allclose(vx.features(fr), ref.features(fr), atol=1e-4)
     assert VideoExtractor("random-tiny", precision="bf16").precision_used == "bf16+channels_last"  # explicit is honoured
+
+
+needs_int8 = pytest.mark.skipif(not au.int8_supported(), reason="no oneDNN int8 kernels on this CPU")
+
+
+def test_nhwc_unfold_is_exact(monkeypatch):
+    monkeypatch.setattr(au, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(au, "int8_supported", lambda: False)
+    vx = VideoExtractor("random-tiny", precision="auto")
+    blocks = [m for m in vx.model.modules() if isinstance(m, MobileVitBlockNHWC)]
+    assert len(blocks) == 3                                      # the fast path uses the channels-last unfold/fold
+    fr = frames(5)
+    a = vx.features(fr)
+    for b in blocks: b.__class__ = MobileVitBlockNHWC.__mro__[1]   # back to timm's own forward
+    np.testing.assert_array_equal(vx.features(fr), a)            # same tokens, same numbers
+
+
+@needs_int8
+def test_int8_path_agrees_with_fp32_and_ignores_batch(monkeypatch):
+    monkeypatch.setattr(au, "cpu_supports_bf16", lambda: False)
+    vx = VideoExtractor("random-tiny", precision="auto", batch_size=8)
+    assert vx.precision_used == "int8+channels_last"
+    d = vx.describe()
+    assert d["int8_check"]["cosine_min"] >= au.INT8_MIN_COSINE and d["int8_check"]["linears"] == 36
+    assert d["int8_check"]["calibrated"] == 36 and d["int8_scheme"] == av.MOBILEVIT_INT8_SCHEME
+    lin = [m for m in vx.model.modules() if isinstance(m, au.Int8Linear)]
+    assert len(lin) == 36 and all(m.act_qparams is not None for m in lin)   # fixed scales everywhere
+    fr = frames(8)
+    fr[3] = fr[3] // 12                                          # one dark frame among bright ones
+    f8 = vx.features(fr)
+    f32 = VideoExtractor("random-tiny", precision="fp32").features(fr)
+    assert cosine(f8, f32).min() > 0.99 and np.abs(f8 - f32).max() > 0   # close to fp32, but really int8
+    alone = vx.features(fr[3:4])                                 # a frame's features do not depend on its batch
+    np.testing.assert_allclose(alone, f8[3:4], atol=1e-4)
+    vx.batch_size = 3
+    np.testing.assert_allclose(vx.features(fr), f8, atol=1e-4)
+    # the transformers backend has no int8 path: the fp32 fast path runs
+    assert VideoExtractor("random-tiny", backend="transformers", precision="auto").precision_used == "fp32+channels_last"
+
+
+@needs_int8
+def test_int8_rejected_by_check_runs_fp32(monkeypatch):
+    monkeypatch.setattr(av, "INT8_MIN_COSINE", 1.01)             # no int8 model can pass: the fallback must run
+    with pytest.warns(UserWarning, match="running fp32 instead"):
+        vx = VideoExtractor("random-tiny", precision="int8")
+    assert vx.precision_used == "fp32+channels_last" and vx.describe()["int8_check"]["cosine_min"] < 1.01
+    assert "int8_scheme" not in vx.describe()
+    assert not any(isinstance(m, au.Int8Linear) for m in vx.model.modules())
+    fr = frames(3)
+    ref = VideoExtractor("random-tiny", precision="fp32").features(fr)
+    np.testing.assert_allclose(vx.features(fr), ref, atol=1e-4)
 
 
 def test_batching_does_not_change_features():

@@ -315,6 +315,8 @@ class Int8Linear(nn.Module):
             lo, hi = torch.aminmax(x); self._seen = [min(self._seen[0], float(lo)), max(self._seen[1], float(hi))]
         if self.act_qparams is None: q, scale, zp = _quantize_act(x)
         else:                                                  # fixed scale: values outside its range saturate
+            if not math.isfinite(float(x.sum())):              # saturation would hide NaN / Inf; one sum finds them
+                raise DataError("non-finite activations reached an int8 layer (NaN or Inf upstream); precision='fp32' propagates them instead")
             scale, zp = self.act_qparams
             q = torch.quantize_per_tensor(x.contiguous(), scale, zp, torch.quint8).int_repr()
         return self.matmul_q(q.reshape(-1, self.in_features), scale, zp).view(*x.shape[:-1], self.out_features)
@@ -328,10 +330,14 @@ def calibrate_int8(model: nn.Module, run: Callable[[], Any], margin: float = 1.2
     Returns how many were fixed. With fixed scales an input's result no longer depends on what else is in its call."""
     if margin < 1: raise ConfigError(f"margin must be >= 1, got {margin}")
     layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    before = [m.act_qparams for m in layers]
     for m in layers: m.act_qparams, m._seen = None, [math.inf, -math.inf]
     try:
         with torch.inference_mode(): run()
         seen = [m._seen for m in layers]
+    except BaseException:                                      # a failed run leaves the model as it was
+        for m, q in zip(layers, before): m.act_qparams = q
+        raise
     finally:
         for m in layers: m._seen = None
     n = 0

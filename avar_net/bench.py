@@ -96,7 +96,7 @@ def roofline_sizes(n: int = 2048, device: str = "cpu") -> dict:
     (a 2048³ product took 60 s on the AVX2 EPYC), so its bf16 matmul shrinks to 256³: still a rate, in seconds."""
     from avar_net.audio import resolve_precision         # 'auto' picks bf16 exactly where the hardware has it
     nat = resolve_precision("auto", device) == "bf16"
-    i8 = resolve_precision("auto", device, int8=True) == "int8"   # Wav2Vec2 runs int8 here: measure that roofline too
+    i8 = resolve_precision("auto", device, int8=True) == "int8"   # the int8 paths run here: measure that roofline too
     return {"n": int(n), "bf16_n": int(n) if nat else min(int(n), 256), "bf16_native": nat, "int8_path": i8}
 
 def matmul_fns(n: int = 2048, device: str = "cpu", bf16_n: int | None = None, int8: bool = False) -> dict[str, Callable[[], Any]]:
@@ -743,8 +743,9 @@ def format_bench(res: Mapping) -> str:
                      str(m.get("path") or "—")])
     out.append(_table(rows, ["backbone", "call", "GFLOP", "base s", "ours s", "speedup", "paired/min", "base GF/s", "ceiling",
                              "ours GF/s", "base %fp32", "ours %roof", "cos mean/min", "path"]))
-    out.append("  (%roof = share of the matmul roofline of the precision the path runs in; ceiling = that roofline / the baseline's "
-               "rate, the largest speed-up any path in that precision could show)\n")
+    out.append("  (%roof = share of the matmul roofline of the precision the path runs in — for the int8 paths, whose linears run "
+               "int8 and the rest fp32, the int8 rate; ceiling = that roofline / the baseline's rate, the largest speed-up any path "
+               "in that precision could show)\n")
     d, p, t, lv = res.get("decode") or {}, res.get("pipeline") or {}, res.get("train") or {}, res.get("long_video") or {}
     out.append(f"decode     {', '.join(d.get('format') or ['?'])} H.264, PyAV threaded: {_f(d.get('fps'), '{:.0f}')} frames/s = "
                f"{_f(d.get('clip_seconds_per_s'), '{:.1f}')} clip-s/s (single thread {_f(d.get('fps_single_thread'), '{:.0f}')} frames/s)")

@@ -36,9 +36,10 @@ class Predictor:
         want, got = f.get("resolved") or {}, self.extractors.resolved
         diff = [f"{k}: trained on {want.get(k)!r}, now {got.get(k)!r}" for k in _CHECKED if k in want and want.get(k) != got.get(k)]
         if diff: raise WeightsError(f"{self.run_dir}: the feature extractors differ from those of the training features ({'; '.join(diff)})")
-        self.precision_note = None if all(want.get(k) == got.get(k) for k in ("audio_precision", "video_precision")) else \
+        keys = ("audio_precision", "video_precision", "audio_int8_scheme", "video_int8_scheme")
+        self.precision_note = None if all(want.get(k) == got.get(k) for k in keys) else \
             f"extractor precision {got.get('audio_precision')}/{got.get('video_precision')} differs from training " \
-            f"({want.get('audio_precision')}/{want.get('video_precision')}); features may differ slightly"
+            f"({want.get('audio_precision')}/{want.get('video_precision')}) or uses another int8 scheme; features may differ slightly"
         self.task, self.class_names = self.config["task"], list(self.config["class_names"])
 
     def __repr__(self):

@@ -117,10 +117,10 @@ class MobileVitBlockNHWC(MobileVitBlock):
     tokens in the same order, so the same numbers. Sides that are not a multiple of the patch run timm's forward."""
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ph, pw = self.patch_size
-        if x.shape[-2] % ph or x.shape[-1] % pw: return super().forward(x)
         shortcut = x
         x = self.conv_1x1(self.conv_kxk(x))
         B, C, H, W = x.shape
+        if H % ph or W % pw: return super().forward(shortcut)     # timm interpolates such maps
         nh, nw = H // ph, W // pw
         # (B, C, H, W) -> (B, nh, ph, nw, pw, C) -> (B·ph·pw, nh·nw, C): timm's token order
         t = x.permute(0, 2, 3, 1).reshape(B, nh, ph, nw, pw, C).permute(0, 2, 4, 1, 3, 5).reshape(B * ph * pw, nh * nw, C)
@@ -345,12 +345,16 @@ class VideoExtractor:
     def _int8(self, model: nn.Module) -> tuple[nn.Module, str]:
         "Quantise and calibrate a copy; keep it only if the check frames agree with fp32 (see \"The int8 path\")."
         qm = copy.deepcopy(model); info = quantize_mobilevit(qm)
+        if info["linears"] == 0: return model, "fp32"             # no MobileViT transformer blocks: nothing to quantise
         probe = lambda kind: self.preprocess(mobilevit_probe_frames(kind, self.decode_size)).contiguous(memory_format=torch.channels_last)
         xc = probe("calibrate")
         calibrated = calibrate_int8(qm, lambda: qm(xc), INT8_RANGE_MARGIN)
         self.int8_check = {**feature_agreement(model, qm, probe("check")), **info, "calibrated": calibrated,
                            "min_required": INT8_MIN_COSINE, "probe": "mobilevit_probe_frames('check'), 8 frames",
                            "calibration": "mobilevit_probe_frames('calibrate'), 8 frames"}
+        if calibrated != info["linears"]:                          # an uncalibrated layer would make frames depend on their batch
+            warnings.warn(f"{self.backbone}: only {calibrated} of {info['linears']} int8 linears saw calibration data; running fp32 instead", stacklevel=3)
+            return model, "fp32"
         if self.int8_check["cosine_min"] >= INT8_MIN_COSINE: return qm, "int8"
         warnings.warn(f"{self.backbone}: int8 features reach only cosine {self.int8_check['cosine_min']:.4f} "
                       f"(< {INT8_MIN_COSINE}) to fp32 on the check frames; running fp32 instead", stacklevel=3)

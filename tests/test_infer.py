@@ -141,3 +141,14 @@ def test_int8_trained_run_loads_where_int8_cannot_run(vaar_run, tmp_path, monkey
     monkeypatch.setattr(au, "int8_supported", lambda: False)          # e.g. an ARM laptop or a CUDA box
     p = Predictor(run, device="cpu")
     assert p.feature_cfg.precision == "auto" and p.extractors.audio.precision_used != "int8"
+
+
+def test_a_changed_int8_scheme_gets_a_note(vaar_run, tmp_path):
+    run = tmp_path / "run"; shutil.copytree(vaar_run["run"], run)
+    p0 = Predictor(run, device="cpu")
+    assert p0.precision_note is None                                   # same extractors as in training
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["features"]["resolved"]["video_int8_scheme"] = "an older scheme"   # trained on features of another int8 scheme
+    (run / "config.json").write_text(json.dumps(cfg))
+    p = Predictor(run, device="cpu")
+    assert p.precision_note and "int8 scheme" in p.precision_note

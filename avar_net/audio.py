@@ -20,7 +20,8 @@ __all__ = ['PRECISIONS', 'W2V_DEFAULT', 'W2V_FILES', 'INT8_MIN_COSINE', 'INT8_WE
            'hub_offline', 'fetch_hub_files', 'pick_weight_file', 'load_state_file', 'random_init',
            'tiny_wav2vec2_config', 'load_wav2vec2', 'conv_geometry', 'conv_out_len', 'chunk_bounds', 'stitch_keep',
            'Float32Island', 'bake_weight_norm', 'cast_matmul_weights', 'Int8Linear', 'calibrate_int8',
-           'quantize_wav2vec2', 'int8_probe_wave', 'int8_check', 'AudioExtractor']
+           'linears_to_int8', 'feature_agreement', 'quantize_wav2vec2', 'int8_probe_wave', 'int8_check',
+           'AudioExtractor']
 
 # %% ../nbs/03_audio.ipynb #cell-6
 def cpu_flags() -> set[str]:
@@ -272,14 +273,19 @@ INT8_WEIGHT_MAX = 63     # 7-bit weights: no int16 saturation in AVX2's u8·s8 m
 # what the int8 features depend on, recorded in manifests and feature-cache keys: change it when the scheme changes
 INT8_SCHEME = "onednn linears: weights int8 7-bit per output channel; activations uint8 per call, each chunk alone; conv encoder fp32"
 
-def _quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
-    "Per-tensor asymmetric uint8 quantisation of `x` (range widened to include 0) -> (uint8 tensor, scale, zero point)."
-    lo, hi = torch.aminmax(x)
-    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise DataError("non-finite activations reached an int8 layer (NaN or Inf upstream); precision='fp32' propagates them instead")
+_NONFINITE = "non-finite activations reached an int8 layer (NaN or Inf upstream); precision='fp32' propagates them instead"
+
+def _uint8_qparams(lo: float, hi: float) -> tuple[float, int]:
+    "Asymmetric uint8 (scale, zero point) for values in [lo, hi], the range widened to include 0."
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
     scale = (hi - lo) / 255.0 or 1.0
-    zp = int(min(255, max(0, round(-lo / scale))))
+    return scale, int(min(255, max(0, round(-lo / scale))))
+
+def _quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    "Per-tensor asymmetric uint8 quantisation of `x` -> (uint8 tensor, scale, zero point)."
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    if not (math.isfinite(lo) and math.isfinite(hi)): raise DataError(_NONFINITE)
+    scale, zp = _uint8_qparams(lo, hi)
     return torch.quantize_per_tensor(x.contiguous(), scale, zp, torch.quint8).int_repr(), scale, zp
 
 INT8_POSTS = ("none", "gelu", "swish")     # what oneDNN can apply to an Int8Linear's output on the way out
@@ -315,8 +321,7 @@ class Int8Linear(nn.Module):
             lo, hi = torch.aminmax(x); self._seen = [min(self._seen[0], float(lo)), max(self._seen[1], float(hi))]
         if self.act_qparams is None: q, scale, zp = _quantize_act(x)
         else:                                                  # fixed scale: values outside its range saturate
-            if not math.isfinite(float(x.sum())):              # saturation would hide NaN / Inf; one sum finds them
-                raise DataError("non-finite activations reached an int8 layer (NaN or Inf upstream); precision='fp32' propagates them instead")
+            if not math.isfinite(float(x.sum())): raise DataError(_NONFINITE)   # saturation would hide NaN / Inf; one sum finds them
             scale, zp = self.act_qparams
             q = torch.quantize_per_tensor(x.contiguous(), scale, zp, torch.quint8).int_repr()
         return self.matmul_q(q.reshape(-1, self.in_features), scale, zp).view(*x.shape[:-1], self.out_features)
@@ -344,10 +349,22 @@ def calibrate_int8(model: nn.Module, run: Callable[[], Any], margin: float = 1.2
     for m, (lo, hi) in zip(layers, seen):
         if not (math.isfinite(lo) and math.isfinite(hi)): continue
         mid, half = (hi + lo) / 2, (hi - lo) / 2 * margin
-        lo, hi = min(mid - half, 0.0), max(mid + half, 0.0)
-        scale = (hi - lo) / 255.0 or 1.0
-        m.act_qparams = (scale, int(min(255, max(0, round(-lo / scale))))); n += 1
+        m.act_qparams = _uint8_qparams(mid - half, mid + half); n += 1
     return n
+
+def linears_to_int8(module: nn.Module) -> int:
+    "Replace every plain `nn.Linear` under `module` by an `Int8Linear`, in place; returns how many."
+    n = 0
+    for mod in list(module.modules()):
+        for name, child in list(mod.named_children()):
+            if type(child) is nn.Linear: setattr(mod, name, Int8Linear.from_linear(child)); n += 1
+    return n
+
+def feature_agreement(ref: Callable, test: Callable, x) -> dict:
+    "Row-wise cosine of `test(x)` to `ref(x)` -> {'cosine_min', 'cosine_mean', 'vectors'}."
+    with torch.inference_mode(): a, b = ref(x).double(), test(x).double()
+    c = torch.nn.functional.cosine_similarity(a, b, -1)
+    return {"cosine_min": float(c.min()), "cosine_mean": float(c.mean()), "vectors": int(c.numel())}
 
 def _is_exact_gelu(act) -> bool:
     f = getattr(act, "act", act)
@@ -364,11 +381,7 @@ def quantize_wav2vec2(model: nn.Module) -> dict:
         if isinstance(getattr(mod, "intermediate_dense", None), nn.Linear) and _is_exact_gelu(getattr(mod, "intermediate_act_fn", None)):
             mod.intermediate_dense = Int8Linear.from_linear(mod.intermediate_dense, "gelu")
             mod.intermediate_act_fn = nn.Identity(); fused += 1
-    n = fused
-    for mod in list(model.modules()):
-        for name, child in list(mod.named_children()):
-            if type(child) is nn.Linear: setattr(mod, name, Int8Linear.from_linear(child)); n += 1
-    return {"linears": n, "gelu_fused": fused}
+    return {"linears": fused + linears_to_int8(model), "gelu_fused": fused}
 
 def int8_probe_wave(sr: int = 16000, seconds: float = 2.0) -> np.ndarray:
     "A fixed probe signal: a 100 Hz → 4 kHz chirp, a two-tone chord, noise bursts and a quiet stretch (float32)."
@@ -385,11 +398,12 @@ def int8_check(fp32_model: nn.Module, int8_model: nn.Module, wave: np.ndarray, n
     -> {'cosine_min', 'cosine_mean', 'vectors'}."""
     x = torch.from_numpy(np.asarray(wave, np.float32))[None]
     if normalize: x = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + 1e-7)
-    pick = (lambda o: o.last_hidden_state[0]) if layer is None else (lambda o: o.hidden_states[layer][0])
-    with torch.inference_mode():
-        a, b = (pick(m(x, output_hidden_states=layer is not None)) for m in (fp32_model, int8_model))
-    c = torch.nn.functional.cosine_similarity(a.double(), b.double(), -1)
-    return {"cosine_min": float(c.min()), "cosine_mean": float(c.mean()), "vectors": int(c.numel())}
+    def run(m):
+        def hidden(x):
+            o = m(x, output_hidden_states=layer is not None)
+            return o.last_hidden_state[0] if layer is None else o.hidden_states[layer][0]
+        return hidden
+    return feature_agreement(run(fp32_model), run(int8_model), x)
 
 # %% ../nbs/03_audio.ipynb #cell-30
 class AudioExtractor:

@@ -5,14 +5,13 @@
 # %% ../nbs/04_video.ipynb #cell-3
 from __future__ import annotations
 import json, math, copy, warnings, contextlib
-from typing import Callable
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np
 from .core import ConfigError, WeightsError, DataError, sha256_file, auto_device
 from .audio import (parse_weight_spec, resolve_precision, fetch_hub_files, pick_weight_file, load_state_file,
                             random_init, cast_matmul_weights, _quiet_transformers, int8_supported, Int8Linear,
-                            calibrate_int8, INT8_MIN_COSINE)
+                            calibrate_int8, linears_to_int8, feature_agreement, INT8_MIN_COSINE)
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -21,7 +20,7 @@ from timm.models.mobilevit import MobileVitBlock
 
 # %% auto #0
 __all__ = ['INT8_RANGE_MARGIN', 'MOBILEVIT_INT8_SCHEME', 'TIMM_ARCHS', 'HF_REPOS', 'BACKENDS', 'Preprocess', 'fold_batchnorm',
-           'MobileVitBlockNHWC', 'use_nhwc_unfold', 'mobilevit_probe_frames', 'quantize_mobilevit', 'feature_agreement',
+           'MobileVitBlockNHWC', 'use_nhwc_unfold', 'mobilevit_probe_frames', 'quantize_mobilevit',
            'load_timm_mobilevit', 'tiny_mobilevit_config', 'init_like_cvnets', 'load_hf_mobilevit', 'VideoExtractor']
 
 # %% ../nbs/04_video.ipynb #cell-6
@@ -141,7 +140,7 @@ def use_nhwc_unfold(model: nn.Module) -> int:
 INT8_RANGE_MARGIN = 1.25   # calibrated activation ranges are widened this much about their centre
 # what the int8 features depend on, recorded in manifests and feature-cache keys: change it when the scheme changes
 MOBILEVIT_INT8_SCHEME = ("onednn linears of the transformer blocks: weights int8 7-bit per output channel; activations uint8, "
-                         "one fixed scale per linear calibrated on mobilevit_probe_frames('calibrate'), range x1.25; convolutions fp32")
+                         f"one fixed scale per linear calibrated on mobilevit_probe_frames('calibrate'), range x{INT8_RANGE_MARGIN}; convolutions fp32")
 
 def mobilevit_probe_frames(kind: str = "check", size: int = 256) -> torch.Tensor:
     """Fixed uint8 RGB frames (8, 3, size, size): smooth colour fields, a dark frame (in 'check': a dark scene with a
@@ -171,16 +170,8 @@ def quantize_mobilevit(model: nn.Module) -> dict:
         for mod in blk.transformer.modules():                        # timm Mlp: fc1 -> act -> drop -> norm -> fc2
             if type(getattr(mod, "fc1", None)) is nn.Linear and type(getattr(mod, "act", None)) is nn.SiLU:
                 mod.fc1 = Int8Linear.from_linear(mod.fc1, "swish"); mod.act = nn.Identity(); fused += 1
-        for mod in list(blk.transformer.modules()):
-            for name, child in list(mod.named_children()):
-                if type(child) is nn.Linear: setattr(mod, name, Int8Linear.from_linear(child)); n += 1
+        n += linears_to_int8(blk.transformer)
     return {"linears": n + fused, "swish_fused": fused}
-
-def feature_agreement(ref: Callable, test: Callable, x: torch.Tensor) -> dict:
-    "Row-wise cosine of `test(x)` to `ref(x)` -> {'cosine_min', 'cosine_mean', 'vectors'}."
-    with torch.inference_mode(): a, b = ref(x).double(), test(x).double()
-    c = F.cosine_similarity(a, b, -1)
-    return {"cosine_min": float(c.min()), "cosine_mean": float(c.mean()), "vectors": int(c.numel())}
 
 # %% ../nbs/04_video.ipynb #cell-12
 TIMM_ARCHS = ("mobilevit_s", "mobilevit_xs", "mobilevit_xxs")

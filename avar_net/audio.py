@@ -20,8 +20,8 @@ __all__ = ['PRECISIONS', 'W2V_DEFAULT', 'W2V_FILES', 'INT8_MIN_COSINE', 'INT8_WE
            'hub_offline', 'fetch_hub_files', 'pick_weight_file', 'load_state_file', 'random_init',
            'tiny_wav2vec2_config', 'load_wav2vec2', 'conv_geometry', 'conv_out_len', 'chunk_bounds', 'stitch_keep',
            'Float32Island', 'bake_weight_norm', 'cast_matmul_weights', 'Int8Linear', 'calibrate_int8',
-           'linears_to_int8', 'feature_agreement', 'quantize_wav2vec2', 'int8_probe_wave', 'int8_check',
-           'AudioExtractor']
+           'linears_to_int8', 'feature_agreement', 'int8_probe_wave', 'int8_check', 'FFTConv1d', 'FirstConvGemm',
+           'Int8WindowConv', 'Wav2Vec2Int8Encoder', 'quantize_wav2vec2', 'AudioExtractor']
 
 # %% ../nbs/03_audio.ipynb #cell-6
 def cpu_flags() -> set[str]:
@@ -271,7 +271,9 @@ def cast_matmul_weights(model: nn.Module, dtype=torch.bfloat16) -> int:
 INT8_MIN_COSINE = 0.99   # every probe vector of the int8 model must be this close to fp32, else fp32 runs
 INT8_WEIGHT_MAX = 63     # 7-bit weights: no int16 saturation in AVX2's u8·s8 multiply-add (see `Int8Linear`)
 # what the int8 features depend on, recorded in manifests and feature-cache keys: change it when the scheme changes
-INT8_SCHEME = "onednn linears: weights int8 7-bit per output channel; activations uint8 per call, each chunk alone; conv encoder fp32"
+INT8_SCHEME = ("onednn linears: weights int8 7-bit per output channel; activations uint8 per call, each chunk alone; "
+               "conv encoder time-major: first conv + norm one fp32 GEMM, layers 2- int8 windows with one symmetric scale "
+               "per output step; positional conv by FFT")
 
 _NONFINITE = "non-finite activations reached an int8 layer (NaN or Inf upstream); precision='fp32' propagates them instead"
 
@@ -281,12 +283,16 @@ def _uint8_qparams(lo: float, hi: float) -> tuple[float, int]:
     scale = (hi - lo) / 255.0 or 1.0
     return scale, int(min(255, max(0, round(-lo / scale))))
 
+def _u8_codes(q: torch.Tensor) -> torch.Tensor:
+    "The uint8 codes of a quint8 tensor as a uint8 tensor on the same memory (`int_repr` would copy them)."
+    return torch.empty(0, dtype=torch.uint8, device=q.device).set_(q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
+
 def _quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
     "Per-tensor asymmetric uint8 quantisation of `x` -> (uint8 tensor, scale, zero point)."
     lo, hi = (float(v) for v in torch.aminmax(x))
     if not (math.isfinite(lo) and math.isfinite(hi)): raise DataError(_NONFINITE)
     scale, zp = _uint8_qparams(lo, hi)
-    return torch.quantize_per_tensor(x.contiguous(), scale, zp, torch.quint8).int_repr(), scale, zp
+    return _u8_codes(torch.quantize_per_tensor(x.contiguous(), scale, zp, torch.quint8)), scale, zp
 
 INT8_POSTS = ("none", "gelu", "swish")     # what oneDNN can apply to an Int8Linear's output on the way out
 
@@ -323,7 +329,7 @@ class Int8Linear(nn.Module):
         else:                                                  # fixed scale: values outside its range saturate
             if not math.isfinite(float(x.sum())): raise DataError(_NONFINITE)   # saturation would hide NaN / Inf; one sum finds them
             scale, zp = self.act_qparams
-            q = torch.quantize_per_tensor(x.contiguous(), scale, zp, torch.quint8).int_repr()
+            q = _u8_codes(torch.quantize_per_tensor(x.contiguous(), scale, zp, torch.quint8))
         return self.matmul_q(q.reshape(-1, self.in_features), scale, zp).view(*x.shape[:-1], self.out_features)
     def extra_repr(self):
         act = "per call" if self.act_qparams is None else f"fixed scale {self.act_qparams[0]:.3g}, zero point {self.act_qparams[1]}"
@@ -370,19 +376,6 @@ def _is_exact_gelu(act) -> bool:
     f = getattr(act, "act", act)
     return f is torch.nn.functional.gelu or (isinstance(act, nn.GELU) and act.approximate == "none")
 
-def quantize_wav2vec2(model: nn.Module) -> dict:
-    """In place, for CPU inference: every `nn.Linear` -> `Int8Linear` (the feed-forward's first one with its exact
-    GELU fused); the conv feature encoder stays fp32 (see above). Returns what was converted. (Bake the
-    positional conv's weight norm, `bake_weight_norm`, *before* copying a model to quantise: PyTorch's parametrised
-    classes are shared between deep copies, and removing the parametrisation from one copy breaks the other.)"""
-    if not int8_supported(): raise ConfigError("the int8 path needs an x86 CPU with AVX2 and PyTorch built with oneDNN; use precision='fp32'")
-    fused = 0
-    for mod in model.modules():                 # Wav2Vec2FeedForward: intermediate_dense -> intermediate_act_fn
-        if isinstance(getattr(mod, "intermediate_dense", None), nn.Linear) and _is_exact_gelu(getattr(mod, "intermediate_act_fn", None)):
-            mod.intermediate_dense = Int8Linear.from_linear(mod.intermediate_dense, "gelu")
-            mod.intermediate_act_fn = nn.Identity(); fused += 1
-    return {"linears": fused + linears_to_int8(model), "gelu_fused": fused}
-
 def int8_probe_wave(sr: int = 16000, seconds: float = 2.0) -> np.ndarray:
     "A fixed probe signal: a 100 Hz → 4 kHz chirp, a two-tone chord, noise bursts and a quiet stretch (float32)."
     n = int(round(seconds * sr)); t = np.arange(n) / sr; rng = np.random.default_rng(1234)
@@ -404,6 +397,152 @@ def int8_check(fp32_model: nn.Module, int8_model: nn.Module, wave: np.ndarray, n
             return o.last_hidden_state[0] if layer is None else o.hidden_states[layer][0]
         return hidden
     return feature_agreement(run(fp32_model), run(int8_model), x)
+
+# %% ../nbs/03_audio.ipynb #dafd1f35
+class FFTConv1d(nn.Module):
+    """A stride-1 `nn.Conv1d` (groups, zero padding, bias) computed by overlap-save FFT convolution in blocks of `n`
+    samples: the same sums to fp32 rounding (~1e-6), O(log n) work per output instead of O(kernel). Holds the weights'
+    spectra (groups × (n/2+1) × (C/groups)² complex: 38 MB for wav2vec2-base's positional conv at n = 256)."""
+    def __init__(self, conv: nn.Conv1d, n: int | None = None):
+        super().__init__()
+        if conv.stride != (1,) or conv.dilation != (1,) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ConfigError(f"FFTConv1d needs a stride-1, undilated, zero-padded Conv1d, got {conv}")
+        w = conv.weight.detach().float()                                     # (C_out, C_in/groups, K)
+        self.out_channels, cg_in, self.k = w.shape
+        self.groups, self.pad = conv.groups, conv.padding[0]
+        self.n = n or 1 << (2 * self.k - 1).bit_length()                   # >= 2K: at least half of each block is output
+        if self.n < self.k: raise ConfigError(f"FFT block {self.n} shorter than the kernel {self.k}")
+        self.step = self.n - self.k + 1                                      # outputs per block
+        g, cg_out = self.groups, self.out_channels // self.groups
+        wf = torch.fft.rfft(w.flip(-1), n=self.n).view(g, cg_out, cg_in, -1).permute(0, 3, 1, 2).contiguous()
+        self.register_buffer("wf", wf)                                       # (G, F, cg_out, cg_in)
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float().clone())
+    def forward(self, x):                                                    # (B, C_in, T) -> (B, C_out, T_out)
+        B, C, T = x.shape; g, k, n, step = self.groups, self.k, self.n, self.step
+        t_out = T + 2 * self.pad - k + 1
+        nb = max(1, -(-t_out // step))
+        xp = nn.functional.pad(x.float(), (self.pad, nb * step + k - 1 - T - self.pad))   # (B, C, nb·step + k - 1)
+        xf = torch.fft.rfft(xp.unfold(-1, n, step), n=n)                    # (B, C, nb, F)
+        xf = xf.view(B, g, C // g, nb, -1).permute(0, 1, 4, 2, 3)            # (B, G, F, cg_in, nb)
+        yf = torch.matmul(self.wf, xf)                                       # (B, G, F, cg_out, nb)
+        y = torch.fft.irfft(yf.permute(0, 1, 3, 4, 2).reshape(B, self.out_channels, nb, -1), n=n)
+        y = y[..., k - 1:].reshape(B, self.out_channels, nb * step)[..., :t_out]
+        return y if self.bias is None else y + self.bias[:, None]
+    def extra_repr(self): return f"{self.out_channels}, kernel={self.k}, groups={self.groups}, padding={self.pad}, fft block={self.n}"
+
+def _plain_conv(conv) -> bool:
+    return isinstance(conv, nn.Conv1d) and conv.padding == (0,) and conv.dilation == (1,) and conv.groups == 1
+
+class _NormAct(nn.Module):
+    "A conv layer's (LayerNorm over channels, if any) and activation, applied in place to time-major rows."
+    def __init__(self, norm: nn.LayerNorm | None, act):
+        super().__init__(); self.norm, self.act = norm, act
+    def forward(self, y):
+        if self.norm is not None: y.copy_(self.norm(y))
+        return torch.ops.aten.gelu_(y) if _is_exact_gelu(self.act) else y.copy_(self.act(y))
+
+class FirstConvGemm(nn.Module):
+    """Wav2Vec2's first encoder layer — 1-channel conv (kernel k, stride s), its norm (per-channel `GroupNorm` over time,
+    or `LayerNorm` over channels) and activation — as one fp32 GEMM over the waveform's (T, k) windows; output
+    time-major (T, C). GroupNorm's statistics are those of a linear map of the windows: mean_c = w_c·μ + b_c,
+    var_c = w_cᵀ Σ w_c (μ, Σ: the windows' mean and k×k covariance, float64), so the norm folds into the GEMM's weights
+    and bias. Exact algebra: it differs from the module by fp32 rounding."""
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        conv, norm = layer.conv, getattr(layer, "layer_norm", None)
+        if not (_plain_conv(conv) and conv.in_channels == 1): raise ConfigError(f"not a 1-channel first conv layer: {conv}")
+        if not (norm is None or isinstance(norm, nn.LayerNorm) or (isinstance(norm, nn.GroupNorm) and norm.num_groups == norm.num_channels)):
+            raise ConfigError(f"unsupported norm in the first conv layer: {norm}")
+        self.k, self.s = conv.kernel_size[0], conv.stride[0]
+        self.register_buffer("w", conv.weight.detach()[:, 0].double().clone())              # (C, k)
+        self.register_buffer("b", None if conv.bias is None else conv.bias.detach().double().clone())
+        self.group_norm = norm if isinstance(norm, nn.GroupNorm) else None
+        self.post = _NormAct(norm if isinstance(norm, nn.LayerNorm) else None, layer.activation)
+    def forward(self, x):                                                     # (L,) waveform -> (T, C)
+        u = x.float().unfold(0, self.k, self.s)                              # (T, k) view
+        w, b = self.w, (self.b if self.b is not None else self.w.new_zeros(len(self.w)))
+        if self.group_norm is not None:
+            ud = u.double(); mu = ud.mean(0); uc = ud - mu
+            var = ((w @ (uc.T @ uc / len(u))) * w).sum(1)
+            a = self.group_norm.weight.double() / torch.sqrt(var + self.group_norm.eps)
+            w, b = w * a[:, None], self.group_norm.bias.double() - (w * a[:, None]) @ mu    # b_c cancels in the norm
+        return self.post(torch.cat([u, u.new_ones(len(u), 1)], 1) @ torch.cat([w, b[:, None]], 1).float().T)
+
+class Int8WindowConv(nn.Module):
+    """A conv-encoder layer (`nn.Conv1d` without padding, then `post` in place) on time-major frames (T, C) in int8:
+    output step t's window — input frames s·t … s·t+k−1, k·C contiguous numbers — gets its own symmetric scale
+    (|max| → 127, zero point 128), its uint8 codes meet the 7-bit weights in oneDNN (int32 accumulation), and the
+    result row is multiplied back by its scale. `block` output steps at a time (bounded memory, cache-sized passes)."""
+    def __init__(self, conv: nn.Conv1d, post: nn.Module, block: int = 4096):
+        super().__init__()
+        if not _plain_conv(conv): raise ConfigError(f"Int8WindowConv needs an unpadded, undilated, ungrouped Conv1d, got {conv}")
+        w = conv.weight.detach().float()                                     # (C_out, C_in, k)
+        self.out_channels, self.in_channels, self.k = w.shape
+        self.s, self.block, self.post = conv.stride[0], int(block), post
+        wm = w.permute(0, 2, 1).reshape(self.out_channels, -1)              # column j·C_in + c holds w[:, c, j]
+        self.register_buffer("w_scale", (wm.abs().amax(1).clamp_min(1e-12) / INT8_WEIGHT_MAX).float())
+        self.register_buffer("w_zero", torch.zeros(self.out_channels, dtype=torch.int32))
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float().clone())
+        self._packed = torch.ops.onednn.qlinear_prepack(
+            torch.round(wm / self.w_scale[:, None]).clamp(-INT8_WEIGHT_MAX, INT8_WEIGHT_MAX).to(torch.int8), None)
+    def forward(self, x):                                                     # (T_in, C_in) -> (T_out, C_out)
+        x = x.float().contiguous(); k, s, c = self.k, self.s, self.in_channels
+        t_out = (x.shape[0] - k) // s + 1
+        if t_out < 1: raise DataError(f"{x.shape[0]} frames are fewer than the kernel ({k})")
+        amax = torch.maximum(x.amax(1), x.amin(1).neg_())                    # each frame's |max|
+        if not math.isfinite(float(amax.sum())): raise DataError(_NONFINITE)
+        sig = (amax.unfold(0, k, s).amax(1) / 127).clamp_min_(1e-30)          # one scale per output step
+        inv = sig.reciprocal()
+        win = x.as_strided((t_out, k * c), (s * c, 1))
+        out = x.new_empty(t_out, self.out_channels)
+        buf = x.new_empty(min(self.block, t_out), k * c)
+        for t0 in range(0, t_out, self.block):
+            t1 = min(t_out, t0 + self.block)
+            q = _u8_codes(torch.quantize_per_tensor(torch.mul(win[t0:t1], inv[t0:t1, None], out=buf[:t1 - t0]), 1.0, 128, torch.quint8))
+            o = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, self._packed, self.w_scale, self.w_zero, None,
+                                                  1.0, 0, torch.float32, "none", [], "none")
+            y = torch.mul(o, sig[t0:t1, None], out=out[t0:t1])
+            if self.bias is not None: y.add_(self.bias)
+            self.post(y)
+        return out
+    def extra_repr(self): return f"{self.in_channels}, {self.out_channels}, kernel={self.k}, stride={self.s}, int8, one scale per output step"
+
+class Wav2Vec2Int8Encoder(nn.Module):
+    """Drop-in for a Wav2Vec2 feature encoder: `FirstConvGemm` then `Int8WindowConv` layers, all on time-major frames.
+    `(B, L)` waveforms -> `(B, C, T)`, a channels-first view of time-major memory (what the model transposes next)."""
+    def __init__(self, encoder: nn.Module, block: int = 4096):
+        super().__init__()
+        layers = list(encoder.conv_layers)
+        self.first = FirstConvGemm(layers[0])
+        for l in layers[1:]:
+            if not (_plain_conv(l.conv) and isinstance(getattr(l, "layer_norm", None), (nn.LayerNorm, type(None)))):
+                raise ConfigError(f"unsupported conv encoder layer: {l}")
+        self.layers = nn.ModuleList(Int8WindowConv(l.conv, _NormAct(getattr(l, "layer_norm", None), l.activation), block) for l in layers[1:])
+    def forward(self, input_values):
+        outs = []
+        for x in input_values:                     # one waveform at a time: its scales are its own
+            h = self.first(x)
+            for m in self.layers: h = m(h)
+            outs.append(h)
+        return torch.stack(outs).transpose(1, 2)
+
+def quantize_wav2vec2(model: nn.Module) -> dict:
+    """In place, for CPU inference: every `nn.Linear` -> `Int8Linear` (the feed-forward's first one with its exact
+    GELU fused); the conv feature encoder -> `Wav2Vec2Int8Encoder`; the positional conv -> `FFTConv1d`. Returns what
+    was converted. (Bake the positional conv's weight norm, `bake_weight_norm`, *before* copying a model to quantise:
+    PyTorch's parametrised classes are shared between deep copies, and removing the parametrisation from one copy
+    breaks the other.)"""
+    if not int8_supported(): raise ConfigError("the int8 path needs an x86 CPU with AVX2 and PyTorch built with oneDNN; use precision='fp32'")
+    fused = 0
+    for mod in model.modules():                 # Wav2Vec2FeedForward: intermediate_dense -> intermediate_act_fn
+        if isinstance(getattr(mod, "intermediate_dense", None), nn.Linear) and _is_exact_gelu(getattr(mod, "intermediate_act_fn", None)):
+            mod.intermediate_dense = Int8Linear.from_linear(mod.intermediate_dense, "gelu")
+            mod.intermediate_act_fn = nn.Identity(); fused += 1
+    info = {"linears": fused + linears_to_int8(model), "gelu_fused": fused}
+    model.feature_extractor = Wav2Vec2Int8Encoder(model.feature_extractor)
+    pe = model.encoder.pos_conv_embed
+    pe.conv = FFTConv1d(pe.conv)
+    return {**info, "conv_layers_int8": len(model.feature_extractor.layers), "pos_conv": "fft"}
 
 # %% ../nbs/03_audio.ipynb #cell-30
 class AudioExtractor:

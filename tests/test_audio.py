@@ -377,7 +377,8 @@ def test_int8_extractor_agrees_with_fp32(monkeypatch):
     assert ex.precision_used == "int8"
     chk = ex.describe()["int8_check"]
     assert chk["cosine_min"] >= au.INT8_MIN_COSINE and chk["linears"] == 13 and chk["gelu_fused"] == 2
-    assert not any(type(m) is torch.nn.Linear for m in ex.model.modules())
+    assert chk["conv_layers_int8"] == 6 and chk["pos_conv"] == "fft"
+    assert not any(type(m) in (torch.nn.Linear, torch.nn.Conv1d) for m in ex.model.modules())
     w = noise(5.0)
     t8, f8 = ex.features(w)
     t32, f32 = AudioExtractor("random-tiny", precision="fp32").features(w)
@@ -430,6 +431,75 @@ def test_int8_batched_chunks_equal_one_by_one_and_guards():
     lin = au.Int8Linear(torch.randn(8, 4))
     assert lin(torch.zeros(0, 4)).shape == (0, 8)
     with pytest.raises(DataError, match="non-finite"): lin(torch.tensor([[1.0, float("nan"), 0.0, 0.0]]))
+
+
+@needs_int8
+def test_int8_check_catches_a_broken_conv_layer():
+    import copy
+    wm, *_ = load_wav2vec2("random-tiny")
+    au.bake_weight_norm(wm)
+    bad = copy.deepcopy(wm); au.quantize_wav2vec2(bad)
+    bad.feature_extractor.layers[2].w_scale.mul_(4)                  # one int8 conv layer's scales off by 4x
+    assert au.int8_check(wm, bad, au.int8_probe_wave())["cosine_min"] < au.INT8_MIN_COSINE
+
+
+@pytest.mark.parametrize("cin,groups,k,pad,bias,T", [(24, 4, 16, 8, True, 3), (24, 4, 16, 8, True, 200),
+                                                     (8, 1, 5, 0, False, 64), (16, 16, 128, 64, True, 499)])
+def test_fft_conv_matches_conv(cin, groups, k, pad, bias, T):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(cin, cin, k, padding=pad, groups=groups, bias=bias)
+    x = torch.randn(2, cin, T)
+    with torch.inference_mode():
+        ref, y = conv(x), au.FFTConv1d(conv)(x)
+    assert y.shape == ref.shape
+    torch.testing.assert_close(y, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_fft_conv_refuses_what_it_cannot_do():
+    for conv in (torch.nn.Conv1d(4, 4, 3, stride=2), torch.nn.Conv1d(4, 4, 3, dilation=2), torch.nn.Conv1d(4, 4, 3, padding="same"),
+                 torch.nn.Conv1d(4, 4, 3, padding=1, padding_mode="reflect")):
+        with pytest.raises(ConfigError, match="stride-1"): au.FFTConv1d(conv)
+
+
+@pytest.mark.parametrize("variant", [{}, dict(feat_extract_norm="layer", conv_bias=True)])
+def test_first_conv_gemm_is_exact(variant):
+    from transformers import Wav2Vec2Model
+    layer = random_init(lambda: Wav2Vec2Model(tiny_wav2vec2_config(**variant)), 3).feature_extractor.conv_layers[0].eval()
+    x = torch.randn(5000) * torch.linspace(0.001, 3, 5000) + 0.2     # a DC offset and a rising level
+    with torch.inference_mode():
+        ref, y = layer(x[None, None])[0].T, au.FirstConvGemm(layer)(x)
+    torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+
+
+@needs_int8
+def test_int8_window_conv_one_scale_per_step():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(32, 48, 3, 2, bias=True)
+    post = au._NormAct(None, torch.nn.GELU())
+    h = torch.nn.functional.gelu(torch.randn(301, 32)); h[150:] *= 1e-4   # a quiet stretch after a loud one
+    m = au.Int8WindowConv(conv, post, block=32)
+    with torch.inference_mode():
+        ref = torch.nn.functional.gelu(conv(h.T[None])[0].T)
+        y = m(h)
+        alone = m(h[150:])                                         # the quiet stretch on its own
+    assert y.shape == ref.shape == (150, 48)
+    assert torch.nn.functional.cosine_similarity(y, ref, -1).min() > 0.999   # quiet steps keep their resolution
+    torch.testing.assert_close(alone, y[75:], atol=1e-6, rtol=1e-5)          # a step depends on its window alone
+    with pytest.raises(DataError, match="non-finite"): m(torch.full((9, 32), float("inf")))
+    with pytest.raises(ConfigError, match="unpadded"): au.Int8WindowConv(torch.nn.Conv1d(4, 4, 3, padding=1), post)
+
+
+@needs_int8
+def test_int8_encoder_agrees_with_fp32_encoder():
+    from transformers import Wav2Vec2Model
+    for variant in ({}, dict(feat_extract_norm="layer", conv_bias=True)):
+        enc = random_init(lambda: Wav2Vec2Model(tiny_wav2vec2_config(**variant)), 1).feature_extractor.eval()
+        x = torch.from_numpy(noise(1.0))[None].repeat(2, 1); x[1] *= 0.01   # the same sound, quiet: its own scales
+        with torch.inference_mode():
+            ref, y = enc(x), au.Wav2Vec2Int8Encoder(enc)(x)
+        assert y.shape == ref.shape
+        c = torch.nn.functional.cosine_similarity(y.transpose(1, 2), ref.transpose(1, 2), -1)
+        assert c.min() > 0.995, (variant, c.min())
 
 
 @needs_int8

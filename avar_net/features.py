@@ -19,11 +19,12 @@ from .data import (TimeGrid, DecodeReport, pool_to_grid, probe, count_frames, it
                            read_vaar, read_xd)
 
 # %% auto #0
-__all__ = ['FEATURE_FORMAT', 'XD_FPS', 'XD_FRAMES_PER_STEP', 'FeatureConfig', 'Extractors', 'build_extractors', 'clip_id_for',
-           'assign_clip_ids', 'ClipItem', 'detect_layout', 'list_clips', 'parse_shard', 'shard_items', 'clip_file',
-           'status_file', 'check_finite', 'write_feature_file', 'read_feature_file', 'read_status', 'iter_status',
-           'is_done', 'extract_clip', 'iter_extract', 'build_manifest', 'write_manifest', 'run_info_for',
-           'extract_dataset', 'extract_cli', 'FeatureStore', 'FeatureDataset', 'collate_features', 'pipeline_overhead']
+__all__ = ['FEATURE_FORMAT', 'XD_FPS', 'XD_FRAMES_PER_STEP', 'GOVERN_THREADS', 'FeatureConfig', 'Extractors', 'build_extractors',
+           'clip_id_for', 'assign_clip_ids', 'ClipItem', 'detect_layout', 'list_clips', 'parse_shard', 'shard_items',
+           'clip_file', 'status_file', 'check_finite', 'write_feature_file', 'read_feature_file', 'read_status',
+           'iter_status', 'is_done', 'ThreadGovernor', 'extract_clip', 'iter_extract', 'build_manifest',
+           'write_manifest', 'run_info_for', 'extract_dataset', 'extract_cli', 'FeatureStore', 'FeatureDataset',
+           'collate_features', 'pipeline_overhead']
 
 # %% ../nbs/05_features.ipynb #cell-6
 FEATURE_FORMAT = "avar_net.features/1"
@@ -400,6 +401,46 @@ def _finish_clip(path, info, grid, extra, acc: _StepMean, wave, has_audio: bool,
             "info": info, "has_audio": bool(has_audio), "duration_s": dur, "n_sampled_frames": int(n_sampled),
             "timing": tm, **extra}
 
+class _Decoding:
+    "How many decoding threads of this process are working right now (a thread-safe count)."
+    def __init__(self): self.n, self._lock = 0, threading.Lock()
+    @contextlib.contextmanager
+    def working(self):
+        with self._lock: self.n += 1
+        try: yield
+        finally:
+            with self._lock: self.n -= 1
+
+_DECODING = _Decoding()
+GOVERN_THREADS = True      # thread pipeline on CPU: backbones give a core to a working decoder (see below)
+
+class ThreadGovernor:
+    """While any decoding thread works (`_DECODING`), CPU backbones run with one intra-op thread fewer than
+    `torch.get_num_threads()` had when the governor started, so decoder and backbones never ask for more threads
+    than there are cores; the count is checked before every module down to `depth` levels of each model (tens of
+    milliseconds apart). `paused` turns it off (the thread count stays the original). `close()` removes the hooks
+    and restores the count."""
+    def __init__(self, models, depth: int = 3):
+        self.n, self.paused = torch.get_num_threads(), False
+        self.handles = [] if self.n < 2 else [m.register_forward_pre_hook(self._hook) for model in models
+                                              for name, m in model.named_modules() if name.count(".") < depth]
+    def _hook(self, mod, args):
+        want = self.n - 1 if (_DECODING.n and not self.paused) else self.n
+        if torch.get_num_threads() != want: torch.set_num_threads(want)
+    def pause(self):
+        self.paused = True; torch.set_num_threads(self.n)
+    def close(self):
+        for h in self.handles: h.remove()
+        self.handles = []; torch.set_num_threads(self.n)
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.close()
+
+def _governor(ex) -> ThreadGovernor | contextlib.nullcontext:
+    "A `ThreadGovernor` over the CPU backbones of `ex` (thread pipeline), or nothing when off or on a GPU."
+    models = [m for e in (getattr(ex, "video", None), getattr(ex, "audio", None))
+              if isinstance(m := getattr(e, "model", None), torch.nn.Module) and str(getattr(e, "device", "cpu")).startswith("cpu")]
+    return ThreadGovernor(models) if GOVERN_THREADS and models else contextlib.nullcontext()
+
 class _ClipJob:
     "Background decoding of one clip: a frame thread feeding a bounded queue and an audio thread."
     def __init__(self, path, cfg: FeatureConfig, size: int, start: bool = True):
@@ -436,8 +477,9 @@ class _ClipJob:
         to = self.cfg.decode_timeout_s
         try:
             t1 = time.perf_counter()
-            info = probe(self.path, timeout_s=to)
-            xd_n = _xd_n_frames(info, self.path, to) if self.cfg.xd else None
+            with _DECODING.working():
+                info = probe(self.path, timeout_s=to)
+                xd_n = _xd_n_frames(info, self.path, to) if self.cfg.xd else None
             self.decode_s += time.perf_counter() - t1
             threading.Thread(target=self._audio, args=(info,), name=f"audio:{self.path.name}", daemon=True).start()
             if not self._put(("info", info, xd_n)): return
@@ -446,7 +488,8 @@ class _ClipJob:
             try:
                 while True:
                     t1 = time.perf_counter()
-                    try: times, frames = next(it)
+                    try:
+                        with _DECODING.working(): times, frames = next(it)
                     except StopIteration: break
                     finally: self.decode_s += time.perf_counter() - t1
                     if not self._put(("frames", np.asarray(times, np.float64), frames)): return
@@ -463,8 +506,9 @@ class _ClipJob:
         try:
             if not info.has_audio: self.audio = (None, False)
             else:
-                wave, has = decode_audio(self.path, sr=self.cfg.sr, duration_s=info.duration_s,
-                                         timeout_s=self.cfg.decode_timeout_s, report=self.arep)
+                with _DECODING.working():
+                    wave, has = decode_audio(self.path, sr=self.cfg.sr, duration_s=info.duration_s,
+                                             timeout_s=self.cfg.decode_timeout_s, report=self.arep)
                 self.audio = (np.asarray(wave, np.float32) if has else None, bool(has))
         except BaseException as e: self.audio_error = e
         finally:
@@ -523,7 +567,7 @@ def _run_job(job: _ClipJob, ex: Extractors, cfg: FeatureConfig) -> dict:
 def extract_clip(path, extractors: Extractors, cfg: FeatureConfig) -> dict:
     """Features of one clip: dict(audio (T, Da), video (T, Dv), step_start_s (T,), grid, info, has_audio, duration_s,
     n_sampled_frames, timing{decode_wait_s, video_s, audio_s, backbones_s, decode_s, total_s, …}, n_frames for XD)."""
-    return _run_job(_ClipJob(path, cfg, extractors.size), extractors, cfg)
+    with _governor(extractors): return _run_job(_ClipJob(path, cfg, extractors.size), extractors, cfg)
 
 def iter_extract(paths: Sequence, extractors: Extractors, cfg: FeatureConfig) -> Iterator[tuple[int, dict | Exception]]:
     "Extract many clips with decode/compute overlap; yields `(index, result or exception)` as clips finish."
@@ -539,16 +583,20 @@ def _iter_extract_threads(paths, ex, cfg):
             try: i, p = next(nxt)
             except StopIteration: return
             pending.append((i, _ClipJob(p, cfg, ex.size)))
+    gov = _governor(ex)
     fill()
     try:
         while pending:
             i, job = pending.popleft()
             fill()                                   # the next clip decodes while this one computes
+            if isinstance(gov, ThreadGovernor): gov.paused = False
             try: res = _run_job(job, ex, cfg)
             except Exception as e: res = e
+            if isinstance(gov, ThreadGovernor): gov.pause()   # the caller's code runs with the original thread count
             yield i, res
     finally:
         for _, job in pending: job.cancel()
+        gov.__exit__(None, None, None)
 
 # %% ../nbs/05_features.ipynb #cell-25
 class _ChunkStream(torch.utils.data.IterableDataset):

@@ -339,3 +339,29 @@ def test_int8_schemes_are_part_of_the_cache_key(monkeypatch):
     assert r8["audio_int8_scheme"] == au.INT8_SCHEME and r8["video_int8_scheme"] == MOBILEVIT_INT8_SCHEME
     r32 = build_extractors(FeatureConfig(**TINY)).resolved
     assert not any("int8" in k for k in r32)                           # fp32 keys stay as they were
+
+
+def test_thread_governor_gives_a_core_to_a_working_decoder(monkeypatch):
+    import avar_net.features as fm
+    monkeypatch.setattr(fm, "_DECODING", fm._Decoding())               # not the decoders other tests left running
+    n0 = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+
+        class Probe(torch.nn.Module):
+            def forward(self, x):
+                seen.append(torch.get_num_threads()); return x
+        m = torch.nn.Sequential(Probe())
+        with fm.ThreadGovernor([m]) as gov:
+            m(torch.zeros(1))
+            with fm._DECODING.working(): m(torch.zeros(1))          # a decoder works: one thread fewer
+            m(torch.zeros(1))                                          # it stopped: all threads again
+            with fm._DECODING.working():
+                gov.pause(); m(torch.zeros(1))                         # paused: the original count
+        assert seen == [2, 1, 2, 2]
+        assert torch.get_num_threads() == 2 and not m._forward_pre_hooks and not m[0]._forward_pre_hooks
+        torch.set_num_threads(1)
+        assert fm.ThreadGovernor([m]).handles == []                    # one thread: nothing to give away
+    finally:
+        torch.set_num_threads(n0)

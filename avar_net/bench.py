@@ -730,7 +730,7 @@ def format_bench(res: Mapping) -> str:
     out.append(f"roofline (matmul {_get(res, 'roofline.n')}³): fp32 {_f(res.get('roofline_gflops'), '{:.1f}')} GFLOP/s, "
                f"bf16 {_f(res.get('roofline_bf16_gflops'), '{:.1f}')} GFLOP/s"
                + (f" (emulated: no native bf16 on this CPU, {_get(res, 'roofline.bf16_n')}³; no bf16 path runs here)" if emu else "")
-               + (f", int8 {_f(_get(res, 'roofline.int8'), '{:.1f}')} GOP/s (the int8 paths' linears)" if _get(res, 'roofline.int8') else "") + "\n")
+               + (f", int8 {_f(_get(res, 'roofline.int8'), '{:.1f}')} GOP/s (the int8 paths' matrix products)" if _get(res, 'roofline.int8') else "") + "\n")
     rows = []
     for key, name in (("mobilevit", "MobileViT-S 256px"), ("wav2vec2", "Wav2Vec2-base")):
         m = res.get(key) or {}
@@ -743,8 +743,10 @@ def format_bench(res: Mapping) -> str:
                      str(m.get("path") or "—")])
     out.append(_table(rows, ["backbone", "call", "GFLOP", "base s", "ours s", "speedup", "paired/min", "base GF/s", "ceiling",
                              "ours GF/s", "base %fp32", "ours %roof", "cos mean/min", "path"]))
-    out.append("  (%roof = share of the matmul roofline of the precision the path runs in — for the int8 paths, whose linears run "
-               "int8 and the rest fp32, the int8 rate; ceiling = that roofline / the baseline's rate, the largest speed-up any path "
+    out.append("  (%roof = share of the matmul roofline of the precision the path runs in — for the int8 paths, whose matrix "
+               "products run int8 (MobileViT: the transformer blocks' linears; Wav2Vec2: the linears and conv layers 2-7) and the "
+               "rest fp32, the int8 rate; GF/s = the baseline's FLOP count / time, an effective rate (Wav2Vec2's FFT positional "
+               "conv does fewer operations); ceiling = that roofline / the baseline's rate, the largest speed-up any path "
                "in that precision could show)\n")
     d, p, t, lv = res.get("decode") or {}, res.get("pipeline") or {}, res.get("train") or {}, res.get("long_video") or {}
     out.append(f"decode     {', '.join(d.get('format') or ['?'])} H.264, PyAV threaded: {_f(d.get('fps'), '{:.0f}')} frames/s = "

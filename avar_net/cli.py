@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--shard", type=_shard, default=(0, 1), help="process shard i of n (e.g. 0/4)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     e.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"],
-                   help="auto: bf16 where the hardware has it, else int8 linears for Wav2Vec2 and MobileViT on AVX2 CPUs (checked on load), else fp32")
+                   help="auto: bf16 where the hardware has it, else int8 for Wav2Vec2 and MobileViT on AVX2 CPUs (checked on load), else fp32")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     t = sub.add_parser("train", help="train AVAR-Net on cached features", formatter_class=F,

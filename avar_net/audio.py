@@ -420,7 +420,8 @@ class FFTConv1d(nn.Module):
     def forward(self, x):                                                    # (B, C_in, T) -> (B, C_out, T_out)
         B, C, T = x.shape; g, k, n, step = self.groups, self.k, self.n, self.step
         t_out = T + 2 * self.pad - k + 1
-        nb = max(1, -(-t_out // step))
+        if t_out < 1: raise DataError(f"{T} samples (padding {self.pad} each side) are fewer than the kernel ({k})")
+        nb = -(-t_out // step)
         xp = nn.functional.pad(x.float(), (self.pad, nb * step + k - 1 - T - self.pad))   # (B, C, nb·step + k - 1)
         xf = torch.fft.rfft(xp.unfold(-1, n, step), n=n)                    # (B, C, nb, F)
         xf = xf.view(B, g, C // g, nb, -1).permute(0, 1, 4, 2, 3)            # (B, G, F, cg_in, nb)
@@ -490,7 +491,7 @@ class Int8WindowConv(nn.Module):
         t_out = (x.shape[0] - k) // s + 1
         if t_out < 1: raise DataError(f"{x.shape[0]} frames are fewer than the kernel ({k})")
         amax = torch.maximum(x.amax(1), x.amin(1).neg_())                    # each frame's |max|
-        if not math.isfinite(float(amax.sum())): raise DataError(_NONFINITE)
+        if not bool(torch.isfinite(amax).all()): raise DataError(_NONFINITE)
         sig = (amax.unfold(0, k, s).amax(1) / 127).clamp_min_(1e-30)          # one scale per output step
         inv = sig.reciprocal()
         win = x.as_strided((t_out, k * c), (s * c, 1))

@@ -418,14 +418,15 @@ class ThreadGovernor:
     """While any decoding thread works (`_DECODING`), CPU backbones run with one intra-op thread fewer than
     `torch.get_num_threads()` had when the governor started, so decoder and backbones never ask for more threads
     than there are cores; the count is checked before every module down to `depth` levels of each model (tens of
-    milliseconds apart). `paused` turns it off (the thread count stays the original). `close()` removes the hooks
+    milliseconds apart). While `paused` its hooks do nothing (`pause()` restores the original count). `close()` removes the hooks
     and restores the count."""
     def __init__(self, models, depth: int = 3):
         self.n, self.paused = torch.get_num_threads(), False
         self.handles = [] if self.n < 2 else [m.register_forward_pre_hook(self._hook) for model in models
                                               for name, m in model.named_modules() if name.count(".") < depth]
     def _hook(self, mod, args):
-        want = self.n - 1 if (_DECODING.n and not self.paused) else self.n
+        if self.paused: return                 # leaves the count alone (pause() restored it; another governor may own it)
+        want = self.n - 1 if _DECODING.n else self.n
         if torch.get_num_threads() != want: torch.set_num_threads(want)
     def pause(self):
         self.paused = True; torch.set_num_threads(self.n)
@@ -584,8 +585,8 @@ def _iter_extract_threads(paths, ex, cfg):
             except StopIteration: return
             pending.append((i, _ClipJob(p, cfg, ex.size)))
     gov = _governor(ex)
-    fill()
     try:
+        fill()
         while pending:
             i, job = pending.popleft()
             fill()                                   # the next clip decodes while this one computes

@@ -456,15 +456,22 @@ def test_fft_conv_matches_conv(cin, groups, k, pad, bias, T):
 
 
 def test_fft_conv_refuses_what_it_cannot_do():
+    with pytest.raises(DataError, match="fewer than the kernel"):
+        au.FFTConv1d(torch.nn.Conv1d(4, 4, 16, padding=2))(torch.randn(1, 4, 5))
     for conv in (torch.nn.Conv1d(4, 4, 3, stride=2), torch.nn.Conv1d(4, 4, 3, dilation=2), torch.nn.Conv1d(4, 4, 3, padding="same"),
                  torch.nn.Conv1d(4, 4, 3, padding=1, padding_mode="reflect")):
         with pytest.raises(ConfigError, match="stride-1"): au.FFTConv1d(conv)
 
 
-@pytest.mark.parametrize("variant", [{}, dict(feat_extract_norm="layer", conv_bias=True)])
+@pytest.mark.parametrize("variant", [{}, dict(conv_bias=True), dict(feat_extract_norm="layer", conv_bias=True)])
 def test_first_conv_gemm_is_exact(variant):
     from transformers import Wav2Vec2Model
     layer = random_init(lambda: Wav2Vec2Model(tiny_wav2vec2_config(**variant)), 3).feature_extractor.conv_layers[0].eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():                                            # a norm that is not the identity (γ of both signs, β)
+        layer.layer_norm.weight.copy_(torch.rand(layer.layer_norm.weight.shape, generator=g) * 4 - 2)
+        layer.layer_norm.bias.copy_(torch.rand(layer.layer_norm.bias.shape, generator=g) * 2 - 1)
+        if layer.conv.bias is not None: layer.conv.bias.copy_(torch.rand(layer.conv.bias.shape, generator=g) - 0.5)
     x = torch.randn(5000) * torch.linspace(0.001, 3, 5000) + 0.2     # a DC offset and a rising level
     with torch.inference_mode():
         ref, y = layer(x[None, None])[0].T, au.FirstConvGemm(layer)(x)

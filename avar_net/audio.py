@@ -480,12 +480,9 @@ class Int8WindowConv(nn.Module):
         w = conv.weight.detach().float()                                     # (C_out, C_in, k)
         self.out_channels, self.in_channels, self.k = w.shape
         self.s, self.block, self.post = conv.stride[0], int(block), post
-        wm = w.permute(0, 2, 1).reshape(self.out_channels, -1)              # column j·C_in + c holds w[:, c, j]
-        self.register_buffer("w_scale", (wm.abs().amax(1).clamp_min(1e-12) / INT8_WEIGHT_MAX).float())
-        self.register_buffer("w_zero", torch.zeros(self.out_channels, dtype=torch.int32))
+        # the windows' GEMM: column j·C_in + c holds w[:, c, j]; the bias is added after the row's scale
+        self.gemm = Int8Linear(w.permute(0, 2, 1).reshape(self.out_channels, -1))
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float().clone())
-        self._packed = torch.ops.onednn.qlinear_prepack(
-            torch.round(wm / self.w_scale[:, None]).clamp(-INT8_WEIGHT_MAX, INT8_WEIGHT_MAX).to(torch.int8), None)
     def forward(self, x):                                                     # (T_in, C_in) -> (T_out, C_out)
         x = x.float().contiguous(); k, s, c = self.k, self.s, self.in_channels
         t_out = (x.shape[0] - k) // s + 1
@@ -500,9 +497,7 @@ class Int8WindowConv(nn.Module):
         for t0 in range(0, t_out, self.block):
             t1 = min(t_out, t0 + self.block)
             q = _u8_codes(torch.quantize_per_tensor(torch.mul(win[t0:t1], inv[t0:t1, None], out=buf[:t1 - t0]), 1.0, 128, torch.quint8))
-            o = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, self._packed, self.w_scale, self.w_zero, None,
-                                                  1.0, 0, torch.float32, "none", [], "none")
-            y = torch.mul(o, sig[t0:t1, None], out=out[t0:t1])
+            y = torch.mul(self.gemm.matmul_q(q, 1.0, 128), sig[t0:t1, None], out=out[t0:t1])
             if self.bias is not None: y.add_(self.bias)
             self.post(y)
         return out

@@ -418,8 +418,8 @@ class ThreadGovernor:
     """While any decoding thread works (`_DECODING`), CPU backbones run with one intra-op thread fewer than
     `torch.get_num_threads()` had when the governor started, so decoder and backbones never ask for more threads
     than there are cores; the count is checked before every module down to `depth` levels of each model (tens of
-    milliseconds apart). While `paused` its hooks do nothing (`pause()` restores the original count). `close()` removes the hooks
-    and restores the count."""
+    milliseconds apart). After `pause()` (which restores the original count) its hooks do nothing until `resume()`.
+    `close()` removes the hooks and restores the count. With no models it does nothing."""
     def __init__(self, models, depth: int = 3):
         self.n, self.paused = torch.get_num_threads(), False
         self.handles = [] if self.n < 2 else [m.register_forward_pre_hook(self._hook) for model in models
@@ -430,17 +430,18 @@ class ThreadGovernor:
         if torch.get_num_threads() != want: torch.set_num_threads(want)
     def pause(self):
         self.paused = True; torch.set_num_threads(self.n)
+    def resume(self): self.paused = False
     def close(self):
         for h in self.handles: h.remove()
         self.handles = []; torch.set_num_threads(self.n)
     def __enter__(self): return self
     def __exit__(self, *exc): self.close()
 
-def _governor(ex) -> ThreadGovernor | contextlib.nullcontext:
-    "A `ThreadGovernor` over the CPU backbones of `ex` (thread pipeline), or nothing when off or on a GPU."
+def _governor(ex) -> ThreadGovernor:
+    "A `ThreadGovernor` over the CPU backbones of `ex` (thread pipeline); over no model when off or on a GPU."
     models = [m for e in (getattr(ex, "video", None), getattr(ex, "audio", None))
               if isinstance(m := getattr(e, "model", None), torch.nn.Module) and str(getattr(e, "device", "cpu")).startswith("cpu")]
-    return ThreadGovernor(models) if GOVERN_THREADS and models else contextlib.nullcontext()
+    return ThreadGovernor(models if GOVERN_THREADS else [])
 
 class _ClipJob:
     "Background decoding of one clip: a frame thread feeding a bounded queue and an audio thread."
@@ -590,14 +591,14 @@ def _iter_extract_threads(paths, ex, cfg):
         while pending:
             i, job = pending.popleft()
             fill()                                   # the next clip decodes while this one computes
-            if isinstance(gov, ThreadGovernor): gov.paused = False
+            gov.resume()
             try: res = _run_job(job, ex, cfg)
             except Exception as e: res = e
-            if isinstance(gov, ThreadGovernor): gov.pause()   # the caller's code runs with the original thread count
+            gov.pause()                              # the caller's code runs with the original thread count
             yield i, res
     finally:
         for _, job in pending: job.cancel()
-        gov.__exit__(None, None, None)
+        gov.close()
 
 # %% ../nbs/05_features.ipynb #cell-25
 class _ChunkStream(torch.utils.data.IterableDataset):

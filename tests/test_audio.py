@@ -439,7 +439,7 @@ def test_int8_check_catches_a_broken_conv_layer():
     wm, *_ = load_wav2vec2("random-tiny")
     au.bake_weight_norm(wm)
     bad = copy.deepcopy(wm); au.quantize_wav2vec2(bad)
-    bad.feature_extractor.layers[2].w_scale.mul_(4)                  # one int8 conv layer's scales off by 4x
+    bad.feature_extractor.layers[2].gemm.w_scale.mul_(4)                  # one int8 conv layer's scales off by 4x
     assert au.int8_check(wm, bad, au.int8_probe_wave())["cosine_min"] < au.INT8_MIN_COSINE
 
 

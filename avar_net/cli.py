@@ -9,7 +9,7 @@ from pathlib import Path
 from .core import AvarError, ConfigError
 
 # %% auto #0
-__all__ = ['build_parser', 'parse_args', 'main']
+__all__ = ['EXTENSIONS', 'build_parser', 'parse_args', 'main']
 
 # %% ../nbs/11_cli.ipynb #cell-6
 class _Parser(argparse.ArgumentParser):
@@ -25,6 +25,19 @@ def _shard(s: str) -> tuple[int, int]:
 
 def _add_common(p):
     p.add_argument("--config", metavar="FILE", help="YAML or JSON file of option defaults (keys = long option names)")
+
+EXTENSIONS = {"pretrain": "avar_net.pretrain", "import-xd": "avar_net.xdfeatures", "app": "avar_net.app",
+              "watch": "avar_net.stream", "docs": "avar_net.docs"}
+
+def _extensions() -> dict:
+    "The modules of `EXTENSIONS` that are present: each owns its subcommand's options and handler."
+    import importlib
+    found = {}
+    for name, modname in EXTENSIONS.items():
+        try: found[name] = importlib.import_module(modname)
+        except ModuleNotFoundError as ex:
+            if ex.name != modname: raise
+    return found
 
 def build_parser() -> argparse.ArgumentParser:
     "The `avar-net` argument parser with all subcommands."
@@ -108,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true"); b.add_argument("--quick", action="store_true", help="small CI version")
     b.add_argument("--repeats", type=int, default=5); b.add_argument("--device", default="cpu")
     for sp in (s, e, t, v, r, g, b): _add_common(sp)
+    for name, mod in _extensions().items():
+        x = sub.add_parser(name, help=mod.CLI_HELP, description=mod.CLI_DESCRIPTION, formatter_class=F)
+        mod.add_arguments(x); _add_common(x)
     return p
 
 # %% ../nbs/11_cli.ipynb #cell-8
@@ -212,8 +228,8 @@ def main(argv=None) -> int:
     "Console script `avar-net`. Returns the exit code (0 success, 2 user error)."
     try:
         args = parse_args(argv)
-        _COMMANDS[args.command](args)
-        return 0
+        if args.command in _COMMANDS: _COMMANDS[args.command](args); return 0
+        return int(_extensions()[args.command].run_cli(args) or 0)
     except SystemExit as ex:   # --help and argparse exits
         return int(ex.code or 0)
     except KeyboardInterrupt:
@@ -224,3 +240,7 @@ def main(argv=None) -> int:
         if isinstance(ex, OSError) and getattr(ex, "filename", None): msg = f"{ex.filename}: {ex.strerror}"
         print(f"avar-net: error: {msg}", file=sys.stderr)
         return 2
+
+# %% ../nbs/11_cli.ipynb #87a5a075
+#| eval: false
+if __name__ == "__main__": sys.exit(main())

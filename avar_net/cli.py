@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "to OUT_DIR. Re-running skips finished clips; failures are listed with their reasons.")
     e.add_argument("data_root"); e.add_argument("out_dir")
     e.add_argument("--audio-backbone", default="facebook/wav2vec2-base-960h",
-                   help="hub id, local directory, 'random', 'random:<seed>' or 'random-tiny'")
-    e.add_argument("--video-backbone", default="mobilevit_s", help="timm name / hub id, local directory or file, 'random', 'random-tiny'")
+                   help="hub id, local directory, 'synth-pretrained' (pretrained here once, then cached), 'random', 'random:<seed>' or 'random-tiny'")
+    e.add_argument("--video-backbone", default="mobilevit_s", help="timm name / hub id, local directory or file, 'synth-pretrained', 'random', 'random-tiny'")
     e.add_argument("--step", type=float, default=0.25, help="time step in seconds (ignored with --xd: 16 frames at 24 fps)")
     e.add_argument("--frames-per-step", type=int, default=1, help="video frames sampled per step")
     e.add_argument("--xd", action="store_true", help="XD-Violence grid: one step per 16 frames at 24 fps")

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--patience", type=int, default=None, help="early stopping after this many epochs without validation gain")
     t.add_argument("--class-weights", action="store_true", help="weight the loss by inverse class frequency")
     t.add_argument("--fusion", default="early", choices=["audio", "video", "early", "late", "intermediate"])
-    t.add_argument("--temporal", default="mtcn", choices=["mtcn", "meanpool", "bigru", "transformer"])
+    t.add_argument("--temporal", default="mtcn", choices=["mtcn", "meanpool", "bigru", "transformer", "hlnet"],
+                   help="temporal model; hlnet: XD-Violence's own baseline HL-Net (XD task only; the authors use --dropout 0.6)")
     t.add_argument("--num-stages", type=int, default=4); t.add_argument("--num-layers", type=int, default=10)
     t.add_argument("--num-f-maps", type=int, default=64); t.add_argument("--dropout", type=float, default=0.5)
     t.add_argument("--no-standardize", action="store_true",
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "frame-level AP (XD-Violence).")
     v.add_argument("run_dir"); v.add_argument("features")
     v.add_argument("--split", default="test"); v.add_argument("--json", action="store_true", help="print one JSON object")
+    v.add_argument("--gt", metavar="NPY", help="XD-Violence: a frame-level ground-truth .npy (e.g. the authors' gt.npy) instead of the one built from annotations.txt")
 
     r = sub.add_parser("predict", help="predict the class and the anomaly timeline of videos", formatter_class=F,
                        description="Decode, extract and predict VIDEO files with the model in RUN_DIR.")
@@ -184,7 +186,7 @@ def _cmd_evaluate(a):
     for p in (a.run_dir, a.features):
         if not Path(p).is_dir(): raise ConfigError(f"{p}: folder not found")
     from avar_net.train import evaluate
-    m = evaluate(a.run_dir, a.features, split=a.split)
+    m = evaluate(a.run_dir, a.features, split=a.split, gt=a.gt)
     if a.json: _print_json(m); return
     for k, v in m.items():
         if isinstance(v, (int, float)): print(f"{k:>20}: {v:.4f}" if isinstance(v, float) else f"{k:>20}: {v}")

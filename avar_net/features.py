@@ -714,7 +714,8 @@ def build_manifest(out_dir, run_info: dict, items: Sequence[ClipItem] | None = N
     ids = sorted(recs, key=lambda c: (order.get(c, 1 << 60), c)) if order else sorted(recs, key=lambda c: (recs[c].get("order", 1 << 60), c))
     clips, failures, warned, n = {}, [], [], {"ok": 0, "failed": 0, "stale": 0}
     keep = ("status", "reason", "sha256", "file", "source", "label", "label_name", "split", "order", "T", "has_audio",
-            "duration_s", "declared_duration_s", "n_frames", "cfg_key", "warnings")
+            "duration_s", "declared_duration_s", "n_frames", "cfg_key", "warnings",
+            "video", "crop")   # video, crop: clips that are crops of one video (avar_net.xdfeatures)
     for cid in ids:
         r = recs[cid]
         if order is not None and cid not in order: continue        # a clip no longer in the dataset

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--step", type=float, default=0.25, help="time step in seconds (ignored with --xd: 16 frames at 24 fps)")
     e.add_argument("--frames-per-step", type=int, default=1, help="video frames sampled per step")
     e.add_argument("--xd", action="store_true", help="XD-Violence grid: one step per 16 frames at 24 fps")
-    e.add_argument("--shard", type=_shard, default=(0, 1), help="process shard i of n (e.g. 0/4)")
+    e.add_argument("--shard", type=_shard, default=None,
+                   help="process shard i of n (e.g. 0/4); default 0/1, or RANK/WORLD_SIZE under torchrun (device cuda:LOCAL_RANK)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     e.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"],
                    help="auto: bf16 where the hardware has it, else int8 for Wav2Vec2 and MobileViT on AVX2 CPUs (checked on load), else fp32")

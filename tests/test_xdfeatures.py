@@ -96,6 +96,9 @@ def test_train_evaluate(imported, temporal, extra):
     np.save(d / "gt_short.npy", np.load(gt_ok)[:-16])
     rc, out, err = cli("evaluate", run, d / "cache", "--gt", d / "gt_short.npy")
     assert rc == 2 and "length mismatch" in err
+    (d / "x.mp4").write_bytes(b"")                                      # predict from video: refused, in one line
+    rc, _, err = cli("predict", d / "x.mp4", "--model", run)
+    assert rc == 2 and "import-xd" in err
 
 
 def test_missing_test_crop_refuses_evaluation(imported, tmp_path):

@@ -115,3 +115,30 @@ def test_missing_test_crop_refuses_evaluation(imported, tmp_path):
                    "--device", "cpu", "--no-progress")[0] == 0
     rc, _, err = cli("evaluate", run, cache)
     assert rc == 2 and "test video(s) not extracted" in err
+
+
+def test_killed_import_resumes(tmp_path):
+    "kill -9 in the middle of an import, then run again: finished crops are kept, the rest imported, no temp file left."
+    import os, signal, subprocess, sys, time
+    rel = write_xd_release(tmp_path / "release", n_train=20, n_test=6, rgb_dim=1024, audio_dim=128, T=(100, 150), seed=2)
+    args = ["import-xd", rel["list_dir"], rel["feature_root"], tmp_path / "cache"]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.Popen([sys.executable, "-m", "avar_net.cli", *map(str, args)], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    status = tmp_path / "cache" / "status"
+    t0 = time.time()
+    while p.poll() is None and time.time() - t0 < 300 and len(list(status.glob("*.json")) if status.is_dir() else []) < 20:
+        time.sleep(0.05)
+    assert p.poll() is None, "the import finished before it could be killed"
+    p.send_signal(signal.SIGKILL); p.wait()
+    recs = [json.loads(f.read_text()) for f in status.glob("*.json")]
+    n_ok_before = sum(r["status"] == "ok" for r in recs)
+    assert 20 <= len(recs) < 130 and n_ok_before >= 10
+    rc, out, _ = cli(*args)
+    s = json.loads(out)
+    assert rc == 0 and s["complete"] and s["n_failed"] == 7
+    assert s["n_skipped"] == n_ok_before and s["n_skipped"] + s["n_computed"] + s["n_failed"] == 130
+    assert not list((tmp_path / "cache").rglob(".*.tmp"))
+    v = FeatureStore(tmp_path / "cache").verify()
+    assert v["bad"] == [] and len(v["ok"]) == 123

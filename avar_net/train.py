@@ -625,6 +625,9 @@ def evaluate(run_dir, features_dir, split: str = "test", checkpoint: str = "best
         out.update({k: v for k, v in split_metrics(res, task, names).items() if k.startswith("video_")})
         if split == "test":
             scores, vrecs = xd_video_scores(recs, res["step_scores"])
+            if gt is not None:                   # a ready vector: the cache must still hold every test clip (all crops)
+                bad = [k for k, r in store.manifest["clips"].items() if r.get("split") == "test" and r.get("status") != "ok"]
+                if bad: raise DataError(f"{store.out_dir}: {len(bad)} test clip(s) not extracted (e.g. {bad[0]}); every test clip is needed")
             truth = load_gt(gt) if gt is not None else xd_test_ground_truth(store, vrecs, annotations)
             out.update(xd_frame_ap(scores, truth)); out["n_videos_scored"] = len(vrecs)
             out["ap"] = out["ap_official"]

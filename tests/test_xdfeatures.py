@@ -115,6 +115,9 @@ def test_missing_test_crop_refuses_evaluation(imported, tmp_path):
                    "--device", "cpu", "--no-progress")[0] == 0
     rc, _, err = cli("evaluate", run, cache)
     assert rc == 2 and "test video(s) not extracted" in err
+    np.save(tmp_path / "gt.npy", np.zeros(16))                          # a ready gt does not hide a missing crop
+    rc, _, err = cli("evaluate", run, cache, "--gt", tmp_path / "gt.npy")
+    assert rc == 2 and "test clip(s) not extracted" in err
 
 
 def test_killed_import_resumes(tmp_path):

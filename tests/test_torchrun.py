@@ -35,6 +35,7 @@ def xd_root(tmp_path_factory):
     return Path(generate_synthxd(tmp_path_factory.mktemp("xd") / "XD-Violence", "tiny", seed=0, train=(2, 1), test=(1, 1)))
 
 
+@pytest.mark.slow
 def test_ranks_from_env_dead_rank_rerun_alone(xd_root, tmp_path):
     cfg = tmp_path / "extract.yaml"; cfg.write_text(EXTRACT_YAML)
     out = tmp_path / "features"
@@ -52,10 +53,7 @@ def test_ranks_from_env_dead_rank_rerun_alone(xd_root, tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["complete"] and m["shards"] == {"3": {"done": [0, 1, 2], "missing": []}} and m["counts"]["missing"] == 0
     assert all(sha256_file(out / "status" / n) == h for n, h in before.items())
-    # a contradicting --shard under torchrun is refused in one line
-    p = extract(xd_root, out, cfg, "--shard", "0/3", RANK="1", WORLD_SIZE="3")
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 2 and "conflicts with torchrun" in err
+    # (a --shard that contradicts torchrun's rank is refused: nbs/05_features.ipynb, launch_shard)
 
 
 def readme_multiprocess_commands() -> list[str]:
@@ -64,6 +62,7 @@ def readme_multiprocess_commands() -> list[str]:
     return [l.strip() for l in text.splitlines() if re.match(r"\s*torchrun\b", l)]
 
 
+@pytest.mark.slow
 def test_readme_multiprocess_commands_run_as_written(xd_root, tmp_path):
     cmds = readme_multiprocess_commands()
     assert cmds, "README shows no torchrun command"

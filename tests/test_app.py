@@ -135,3 +135,12 @@ def test_two_uploads_at_once_both_succeed(app, pages):
     assert f"Top class: {app['expected']['b']} (" in p2.inner_text("body")
     left = [p for p in Path(tempfile.gettempdir()).glob("avar_app_*") if list(p.glob("*.mp4"))]
     assert not left, f"uploads not deleted: {left}"
+
+
+def test_bundled_example(app, pages):
+    new, _ = pages
+    page = new()
+    page.get_by_text("Bundled example").click()
+    page.get_by_role("button", name="Analyse this example").click()      # the first example: SynthAVAR, Explosion
+    page.get_by_text("6.0 s of video analysed").wait_for()                # 6 s: a SynthAVAR example (SynthXD's last 10 s)
+    assert "Top class:" in page.inner_text("body")

@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("evaluate", help="evaluate a trained run on a split", formatter_class=F,
                        description="Evaluate the best checkpoint of RUN_DIR on a split of FEATURES: accuracy and P/R/F1 (VAAR), "
-                                   "frame-level AP (XD-Violence).")
+                                   "frame-level AP (XD-Violence). On the test split the numbers also go into the run's MODEL_CARD.md.")
     v.add_argument("run_dir"); v.add_argument("features")
     v.add_argument("--split", default="test"); v.add_argument("--json", action="store_true", help="print one JSON object")
     v.add_argument("--gt", metavar="NPY", help="XD-Violence: a frame-level ground-truth .npy (e.g. the authors' gt.npy) instead of the one built from annotations.txt")
@@ -188,6 +188,10 @@ def _cmd_evaluate(a):
         if not Path(p).is_dir(): raise ConfigError(f"{p}: folder not found")
     from avar_net.train import evaluate
     m = evaluate(a.run_dir, a.features, split=a.split, gt=a.gt)
+    if a.split == "test":      # the run's model card shows the test metrics once measured (avar_net.modelcard)
+        from avar_net.modelcard import write_model_card
+        try: write_model_card(a.run_dir, test_metrics=m)
+        except OSError as e: print(f"avar-net: MODEL_CARD.md not updated ({e})", file=sys.stderr)
     if a.json: _print_json(m); return
     for k, v in m.items():
         if isinstance(v, (int, float)): print(f"{k:>20}: {v:.4f}" if isinstance(v, float) else f"{k:>20}: {v}")

@@ -536,7 +536,11 @@ def _train_loop(store, run_dir: Path, config, split, mcfg, tcfg, dist_: _Dist, d
               "select_on": sel_key, "best_score": ts["best_score"], "best": best, "last": ts["history"][-1] if ts["history"] else None,
               "stopped_early": ts["stopped_early"], "n_train": len(tr_pos), "n_val": len(va_pos), "val_source": split["val_source"],
               "world_size": dist_.world, "device": str(dev), "amp": amp_used, "seconds": round(time.perf_counter() - t_start, 3)}
-    if dist_.main: atomic_write_json(run_dir / "result.json", _json_safe(result))
+    if dist_.main:
+        atomic_write_json(run_dir / "result.json", _json_safe(result))
+        from avar_net.modelcard import write_model_card   # MODEL_CARD.md from what the run recorded
+        try: write_model_card(run_dir)
+        except Exception as e: log(f"{run_dir}: MODEL_CARD.md not written ({type(e).__name__}: {e})")
     return _json_safe(result)
 
 def _write_metrics(run_dir: Path, history: Sequence[Mapping]) -> None:

@@ -114,8 +114,8 @@ def small_mobilevit(num_classes: int = len(VISUAL_SOURCES), size: int = 64):
 class PretrainConfig:
     "Sizes of a pretraining run (`PRETRAIN_SIZES`)."
     name: str = "default"
-    frames: int = 4000; frame_size: int = 64; video_steps: int = 300; video_batch: int = 32; video_lr: float = 2e-3
-    sounds: int = 600; window_s: float = 1.0; audio_steps: int = 150; audio_batch: int = 24; audio_lr: float = 1e-3
+    frames: int = 6000; frame_size: int = 64; video_steps: int = 600; video_batch: int = 32; video_lr: float = 2e-3
+    sounds: int = 600; window_s: float = 1.0; audio_steps: int = 200; audio_batch: int = 24; audio_lr: float = 1e-3
     audio_objective: str = "sources"      # 'sources' (supervised) or 'contrastive' (wav2vec 2.0's own)
     holdout: float = 0.1                   # share of the corpus kept out of training to report held-out accuracy
 

@@ -444,5 +444,6 @@ def data_note(params: Mapping, kind: str = "avar") -> str:
     data = ("real VAAR" if kind == "avar" else "real XD-Violence") if real else \
            (f"SynthAVAR ({prof}, synthetic data)" if kind == "avar" else f"SynthXD ({prof}, synthetic data)")
     bb = [str(params.get("audio_backbone")), str(params.get("video_backbone"))]
-    rnd = any(b.startswith("random") for b in bb)
-    return f"{data}; backbones {bb[0]} / {bb[1]}{' (random-initialised weights)' if rnd else ''}"
+    note = " (random-initialised weights)" if any(b.startswith("random") for b in bb) else \
+           " (pretrained here on synthetic data, frozen)" if any(b.startswith("synth-pretrained") for b in bb) else ""
+    return f"{data}; backbones {bb[0]} / {bb[1]}{note}"

@@ -126,7 +126,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * m).sum(1) / m.sum(1).clamp_min(1)
 
 def clip_logits(step_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    "Clip logits `(B,C)`: mean over valid steps of the per-step logits `(B,T,C)` (ours, GUIDE §1)."
+    "Clip logits `(B,C)`: mean over valid steps of the per-step logits `(B,T,C)` (ours)."
     return masked_mean(step_logits, mask)
 
 def anomaly_logits(step_logits: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/16_pretrain.ipynb #cell-3
 from __future__ import annotations
-import os, json, time, shutil, hashlib, importlib.util, tempfile
+import os, json, time, shutil, hashlib, importlib, importlib.util, inspect, tempfile
 from dataclasses import dataclass, asdict, replace
 from pathlib import Path
 import numpy as np
@@ -247,12 +247,16 @@ def pretrain(out_dir, seed: int = 0, size="default", progress: bool = True, moda
     return json.loads((out / "report.json").read_text())
 
 # %% ../nbs/16_pretrain.ipynb #cell-36
+_WEIGHT_CODE = ("pretrain_seed", "_scene", "render_visual_example", "render_sound_example", "visual_corpus", "sound_corpus",
+                "small_wav2vec2_config", "small_mobilevit", "PretrainConfig", "_schedule", "_split", "train_video",
+                "_normalize", "train_audio", "save_video_backbone", "save_audio_backbone")
+
 def pretrain_key(cfg: PretrainConfig, seed: int) -> str:
-    "Hash of everything that decides the pretrained weights."
+    "Hash of everything that decides the pretrained weights: the renderers, the code that trains, the sizes, the versions."
     import timm, transformers
-    h = hashlib.sha256()
-    for mod in ("avar_net.synth", "avar_net.pretrain"):     # the exported sources: renderers and pretraining code
-        h.update(Path(importlib.util.find_spec(mod).origin).read_bytes())
+    h = hashlib.sha256(Path(importlib.util.find_spec("avar_net.synth").origin).read_bytes())
+    mod = importlib.import_module("avar_net.pretrain")       # the exported source of the functions that decide the weights
+    for name in _WEIGHT_CODE: h.update(inspect.getsource(getattr(mod, name)).encode())
     h.update(json.dumps([asdict(cfg), seed, torch.__version__, timm.__version__, transformers.__version__], sort_keys=True).encode())
     return h.hexdigest()[:16]
 

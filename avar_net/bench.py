@@ -768,7 +768,7 @@ def format_bench(res: Mapping) -> str:
     out.append(f"watch      {'/'.join(w.get('backbones') or ['?'])} backbones, steps of {_f(w.get('step_s'), '{:.2f}')} s: real-time factor "
                f"{_f(w.get('real_time_factor'), '{:.3f}')} (compute s per stream s; as fast as possible {_f(w.get('media_s_per_wall_s'), '{:.2f}')} "
                f"stream-s per wall-s); paced in real time, frame arrival -> score latency p50 {_f(wl.get('p50'), '{:.3f}')} s, "
-               f"p95 {_f(wl.get('p95'), '{:.3f}')} s")
+               f"p95 {_f(wl.get('p95'), '{:.3f}')} s; wall time {_f(w.get('watch_over_offline'), '{:.2f}x')} that of offline predict on the same file")
     out.append(f"long video {lv.get('note', '')}: peak RSS {_f(res.get('long_video_peak_rss_mb'), '{:.0f}')} MB "
                f"(after loading models {_f(lv.get('rss_after_load_mb'), '{:.0f}')} MB), extraction {_f(lv.get('extract_s'), '{:.0f}')} s\n")
     rows = []

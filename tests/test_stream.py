@@ -79,8 +79,8 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
 
-def _serve(ts, port, duration):
-    p = subprocess.Popen([sys.executable, str(ROOT / "tests" / "_stream_server.py"), str(ts), str(port), str(duration), "1.0"],
+def _serve(ts, port, duration, *extra):
+    p = subprocess.Popen([sys.executable, str(ROOT / "tests" / "_stream_server.py"), str(ts), str(port), str(duration), "1.0", *extra],
                          stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "listening"
     return p
@@ -143,6 +143,23 @@ def test_live_tcp_reconnect_gap_and_sigterm(xd, tmp_path):
         assert g["steps_without_score"] == b - a - 1 and g["duration_s"] > 0.9 and g["reconnect_attempts"] >= 1
     assert sum(l.get("event") == "connected" for l in lines) == lines[-1]["connections"] >= 2
     assert lines[-1]["steps"] == len(steps)
+
+
+def test_a_stalled_stream_is_dropped_retried_and_given_up(xd, tmp_path):
+    "The server goes silent with the connection open: after the stall timeout watch reconnects, then gives up."
+    from avar_net.data import probe
+    ts = _to_mpegts(xd["violent"], tmp_path / "stall.ts")
+    port = _free_port()
+    server = _serve(ts, port, probe(ts).duration_s, "0.6")
+    try:
+        w = Watcher(xd["pred"], f"tcp://127.0.0.1:{port}", out=tmp_path / "s.jsonl", stall_timeout_s=1.0, max_outage_s=2.0)
+        s = w.run()
+    finally: server.kill()
+    steps, events = read_jsonl(tmp_path / "s.jsonl")
+    assert s["stopped_by"] == "gave up reconnecting" and w.exit_code == 1 and s["gaps"] == 1 and len(steps) >= 3
+    drop = next(e for e in events if e["event"] == "disconnected")
+    assert "stalled" in drop["reason"] and drop["t"] == pytest.approx(len(steps) * s["step_s"], abs=1e-5)
+    assert events[-2]["event"] in ("gap", "alert_end") and any(e["event"] == "gap" and e["end"] is None for e in events)
 
 
 def test_corrupt_packets_cost_only_themselves(xd, tmp_path):

@@ -686,6 +686,10 @@ def _run_bench(quick, repeats, device, long_video, progress) -> dict:
     res["pipeline"] = pipe or dict.fromkeys(("clip_s_per_wall_s", "backbones_s", "pipeline_s"))
     res["pipeline_overhead"] = (pipe or {}).get("overhead")
     res["train"] = section("train", lambda: bench_train(reps, s["train_batch"], s["train_steps"], device)) or {"steps_per_s": None}
+    def _watch():                  # avar-net watch on the first clip: real-time factor, then latency paced in real time
+        from avar_net.stream import bench_watch
+        return bench_watch(clips[0], s["pipeline_backbones"], realtime_s=s["clip_seconds"], device=device)
+    res["watch"] = (section("watch", _watch) if clips else None) or {"real_time_factor": None, "latency_s": None}
     lv = None
     if long_video:
         la, lvb = s["long_backbones"]
@@ -760,6 +764,11 @@ def format_bench(res: Mapping) -> str:
                f"{_f(t.get('steps_per_s'), '{:.2f}')} steps/s ({_f(t.get('clips_per_s'), '{:.1f}')} clips/s), "
                f"{_f(t.get('speedup'), '{:.2f}x')} the reference formulation; {(t.get('short') or {}).get('steps', '?')}-step clips: "
                f"{_f((t.get('short') or {}).get('speedup'), '{:.2f}x')}")
+    w = res.get("watch") or {}; wl = w.get("latency_s") or {}
+    out.append(f"watch      {'/'.join(w.get('backbones') or ['?'])} backbones, steps of {_f(w.get('step_s'), '{:.2f}')} s: real-time factor "
+               f"{_f(w.get('real_time_factor'), '{:.3f}')} (compute s per stream s; as fast as possible {_f(w.get('media_s_per_wall_s'), '{:.2f}')} "
+               f"stream-s per wall-s); paced in real time, frame arrival -> score latency p50 {_f(wl.get('p50'), '{:.3f}')} s, "
+               f"p95 {_f(wl.get('p95'), '{:.3f}')} s; wall time {_f(w.get('watch_over_offline'), '{:.2f}x')} that of offline predict on the same file")
     out.append(f"long video {lv.get('note', '')}: peak RSS {_f(res.get('long_video_peak_rss_mb'), '{:.0f}')} MB "
                f"(after loading models {_f(lv.get('rss_after_load_mb'), '{:.0f}')} MB), extraction {_f(lv.get('extract_s'), '{:.0f}')} s\n")
     rows = []

@@ -184,6 +184,8 @@ def test_cli_quick_json_is_one_object_with_every_key(quick_cli):
     for k in ("clip_s_per_wall_s", "backbones_s", "pipeline_s"): assert _is_num(res["pipeline"][k]) and res["pipeline"][k] > 0
     assert res["pipeline_overhead"] == pytest.approx(res["pipeline"]["pipeline_s"] / res["pipeline"]["backbones_s"])
     assert _is_num(res["train"]["steps_per_s"]) and res["train"]["steps_per_s"] > 0
+    assert _is_num(res["watch"]["real_time_factor"]) and res["watch"]["real_time_factor"] > 0     # avar-net watch
+    assert _is_num(res["watch"]["latency_s"]["p50"]) and res["watch"]["latency_s"]["p50"] >= 0
     assert "quick" in res["long_video"]["note"] and res["long_video"]["seconds"] == 20.0
     assert set(res["targets"]) == set(TARGETS)
     for v in res["targets"].values(): assert set(v) == {"value", "op", "target", "met"} and isinstance(v["met"], bool)

@@ -175,17 +175,18 @@ def train_audio(W: np.ndarray, y: np.ndarray, cfg: PretrainConfig, seed: int = 0
     Wt, yt = _normalize(W), torch.from_numpy(y)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.audio_lr, weight_decay=0.01); sched = _schedule(opt, cfg.audio_lr, cfg.audio_steps)
     T = int(model._get_feat_extract_output_lengths(Wt.shape[1]))
-    losses = []
+    losses, np_state = [], np.random.get_state()
     for _ in range(cfg.audio_steps):
         b = torch.from_numpy(tr)[torch.randint(0, len(tr), (cfg.audio_batch,), generator=g)]
+        np.random.seed(int(rng.integers(2 ** 31)))   # transformers' time masking (SpecAugment) and negative sampling use numpy's global RNG
         if sup: loss = model(Wt[b], labels=yt[b]).loss
         else:
-            np.random.seed(int(rng.integers(2 ** 31)))          # transformers' mask and negative samplers draw from numpy's global RNG
             mask = _compute_mask_indices((len(b), T), conf.mask_time_prob, conf.mask_time_length, min_masks=2)
             neg = _sample_negative_indices((len(b), T), conf.num_negatives, mask_time_indices=mask)
             loss = model(Wt[b], mask_time_indices=torch.from_numpy(mask), sampled_negative_indices=torch.from_numpy(neg)).loss / len(b)
         opt.zero_grad(set_to_none=True); loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0); opt.step(); sched.step()
         losses.append(float(loss)); progress and progress(1)
+    np.random.set_state(np_state)
     model.eval(); acc = float("nan")
     if sup and len(ho):
         with torch.no_grad(): acc = float((model(Wt[ho]).logits.argmax(1) == yt[ho]).float().mean())

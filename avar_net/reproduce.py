@@ -193,7 +193,9 @@ def reproduce(profile: str = "demo", only: str | None = None, figures_dir=None, 
     for name in names:
         rec = rec_dir / f"{name}.jsonl"; rec.unlink(missing_ok=True)
         t0 = time.time(); log(f"[reproduce:{profile}] {name} …")
-        with _env(AVAR_RECORDS=rec, AVAR_FIGURES_DIR=figures_dir, AVAR_COMMIT=commit, AVAR_PROFILE=profile):
+        # figures shown inline stay in the executed copy even where MPLBACKEND says Agg (as the test runner sets it)
+        with _env(AVAR_RECORDS=rec, AVAR_FIGURES_DIR=figures_dir, AVAR_COMMIT=commit, AVAR_PROFILE=profile,
+                  MPLBACKEND="module://matplotlib_inline.backend_inline"):
             out_nb = run_notebook(name, params, out_dir, nbs_dir)
         k = keep_executed(out_nb, figures_dir / KEPT_DIR)
         kept[name] = dict(file=f"{KEPT_DIR}/{k.name}", profile=profile, git_commit=commit, sha256=sha256_file(k))

@@ -53,13 +53,15 @@ def _tables(manifest):
     return out
 
 def _ran(nb, name: str) -> bool:
-    "Whether the executed copy ran (and shows the output of) the cell that saves table `name`."
+    "Whether the executed copy ran (and shows the output of) the cell that saves table or figure `name`."
     return any(c.cell_type == "code" and f'"{name}"' in c.source and c.outputs for c in nb.cells)
 
 def test_every_page_in_a_browser(site, served, browser, tmp_path_factory):
     manifest = json.loads((ROOT / "figures" / "MANIFEST.json").read_text())
     tables, kept = _tables(manifest), manifest.get("notebooks", {})
-    figures = {a["notebook"] for a in manifest["artifacts"].values() if a["kind"] == "figure"}
+    figures = {}
+    for a in manifest["artifacts"].values():
+        if a["kind"] == "figure": figures.setdefault(a["notebook"], []).append(a["name"])
     shots = tmp_path_factory.mktemp("screenshots")
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     problems, seen = [], []
@@ -79,7 +81,9 @@ def test_every_page_in_a_browser(site, served, browser, tmp_path_factory):
         page.evaluate("() => new Promise(done => (window.MathJax && MathJax.Hub) ? MathJax.Hub.Queue(done) : done())")
         imgs = page.eval_on_selector_all("img", "els => els.map(e => [e.getAttribute('src'), e.complete && e.naturalWidth])")
         problems += [f"image did not decode: {src}" for src, w in imgs if not w]
-        if stem in figures and stem in kept and not imgs: problems.append("no figure on a page whose notebook makes figures")
+        if stem in kept:     # every figure the executed copy made (and showed) is on the page
+            made = [n for n in figures.get(stem, []) if _ran(kept_nb(stem), n)]
+            if len([w for _, w in imgs if w]) < len(made): problems.append(f"{len(made)} figures made ({made}), {len(imgs)} shown")
         if stem in kept:     # the results of an executed copy must be on its page: every table it saved, with its columns
             heads = page.eval_on_selector_all("table", "ts => ts.map(t => [...t.querySelectorAll('th')].map(h => h.innerText.trim()))")
             for name, cols in tables.get(stem, []):
@@ -88,8 +92,7 @@ def test_every_page_in_a_browser(site, served, browser, tmp_path_factory):
                 if not any(set(cols) <= set(h) for h in heads): problems.append(f"results table {name} ({cols[:3]}…) missing")
         problems[n0:] = [f"{html.name}: {p}" for p in problems[n0:]]
         if stem in ("index", "20_fusion_ablation"):
-            if stem == "20_fusion_ablation": page.evaluate("document.getElementById('Fusion-ablation')?.scrollIntoView()")
-            page.screenshot(path=str(shots / f"{stem}.png"))
+            page.screenshot(path=str(shots / f"{stem}.png"), full_page=stem != "index")   # the whole page: its tables and figure
         checked.append(stem)
     page.close()
     print(f"\nchecked {len(checked)} pages, {len(seen)} requests; screenshots: {shots}/index.png, {shots}/20_fusion_ablation.png")

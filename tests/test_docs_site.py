@@ -6,6 +6,7 @@ import csv, functools, http.server, json, threading
 from pathlib import Path
 import nbformat, pytest
 from avar_net.docs import build_site, reading_order
+from avar_net.reproduce import readme_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 BROWSER = Path("/usr/lib/chromium/chromium-headless-shell")
@@ -38,6 +39,8 @@ def browser():
 def test_every_notebook_of_the_reading_order_has_a_page(site):
     order = reading_order(ROOT / "nbs")
     assert len(order) > 20 and order[0].name == "index.ipynb"
+    # independent of reading_order: every numbered notebook in nbs/ is in it
+    assert {p.name for p in (ROOT / "nbs").glob("[0-9][0-9]_*.ipynb")} <= {p.name for p in order}
     missing = [p.name for p in order if not (site / f"{p.stem}.html").exists()]
     assert not missing, f"notebooks without a page: {missing}"
     nav = (site / "index.html").read_text()
@@ -81,6 +84,13 @@ def test_every_page_in_a_browser(site, served, browser, tmp_path_factory):
         page.evaluate("() => new Promise(done => (window.MathJax && MathJax.Hub) ? MathJax.Hub.Queue(done) : done())")
         imgs = page.eval_on_selector_all("img", "els => els.map(e => [e.getAttribute('src'), e.complete && e.naturalWidth])")
         problems += [f"image did not decode: {src}" for src, w in imgs if not w]
+        if stem == "index":  # the front page shows the README's result tables
+            heads = page.eval_on_selector_all("table", "ts => ts.map(t => [...t.querySelectorAll('th')].map(h => h.innerText.trim()))")
+            for name, body in readme_blocks((ROOT / "README.md").read_text()).items():
+                header = next(l for l in body.splitlines() if l.lstrip().startswith("|"))
+                cols = [c.strip() for c in header.strip().strip("|").split("|")]
+                required.add(name)
+                if not any(set(cols) <= set(h) for h in heads): problems.append(f"README result table {name} ({cols[:3]}…) missing")
         if stem in kept:     # every figure the executed copy made (and showed) is on the page
             made = [n for n in figures.get(stem, []) if _ran(kept_nb(stem), n)]
             if len([w for _, w in imgs if w]) < len(made): problems.append(f"{len(made)} figures made ({made}), {len(imgs)} shown")

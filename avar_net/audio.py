@@ -168,7 +168,8 @@ def _quiet_transformers():
 def load_wav2vec2(backbone: str = W2V_DEFAULT):
     "`(model, feature_extractor_config: dict, weights_id, sha256 | None)` for a backbone spec; model frozen, eval, on CPU."
     from transformers import Wav2Vec2Config, Wav2Vec2Model
-    spec = parse_weight_spec(backbone)
+    from avar_net.pretrain import resolve_backbone
+    spec = parse_weight_spec(resolve_backbone(backbone, "audio"))   # 'synth-pretrained' names a folder in the user cache
     if spec.is_random:
         cfg = Wav2Vec2Config() if spec.kind == "random" else tiny_wav2vec2_config()
         model = random_init(lambda: Wav2Vec2Model(cfg), spec.seed)

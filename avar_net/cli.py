@@ -63,12 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "to OUT_DIR. Re-running skips finished clips; failures are listed with their reasons.")
     e.add_argument("data_root"); e.add_argument("out_dir")
     e.add_argument("--audio-backbone", default="facebook/wav2vec2-base-960h",
-                   help="hub id, local directory, 'random', 'random:<seed>' or 'random-tiny'")
-    e.add_argument("--video-backbone", default="mobilevit_s", help="timm name / hub id, local directory or file, 'random', 'random-tiny'")
+                   help="hub id, local directory, 'synth-pretrained' (pretrained here once, then cached), 'random', 'random:<seed>' or 'random-tiny'")
+    e.add_argument("--video-backbone", default="mobilevit_s", help="timm name / hub id, local directory or file, 'synth-pretrained', 'random', 'random-tiny'")
     e.add_argument("--step", type=float, default=0.25, help="time step in seconds (ignored with --xd: 16 frames at 24 fps)")
     e.add_argument("--frames-per-step", type=int, default=1, help="video frames sampled per step")
     e.add_argument("--xd", action="store_true", help="XD-Violence grid: one step per 16 frames at 24 fps")
-    e.add_argument("--shard", type=_shard, default=(0, 1), help="process shard i of n (e.g. 0/4)")
+    e.add_argument("--shard", type=_shard, default=None,
+                   help="process shard i of n (e.g. 0/4); default 0/1, or RANK/WORLD_SIZE under torchrun (device cuda:LOCAL_RANK)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     e.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"],
                    help="auto: bf16 where the hardware has it, else int8 for Wav2Vec2 and MobileViT on AVX2 CPUs (checked on load), else fp32")
@@ -85,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--patience", type=int, default=None, help="early stopping after this many epochs without validation gain")
     t.add_argument("--class-weights", action="store_true", help="weight the loss by inverse class frequency")
     t.add_argument("--fusion", default="early", choices=["audio", "video", "early", "late", "intermediate"])
-    t.add_argument("--temporal", default="mtcn", choices=["mtcn", "meanpool", "bigru", "transformer"])
+    t.add_argument("--temporal", default="mtcn", choices=["mtcn", "meanpool", "bigru", "transformer", "hlnet"],
+                   help="temporal model; hlnet: XD-Violence's own baseline HL-Net (XD task only; the authors use --dropout 0.6)")
     t.add_argument("--num-stages", type=int, default=4); t.add_argument("--num-layers", type=int, default=10)
     t.add_argument("--num-f-maps", type=int, default=64); t.add_argument("--dropout", type=float, default=0.5)
     t.add_argument("--no-standardize", action="store_true",
@@ -95,9 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("evaluate", help="evaluate a trained run on a split", formatter_class=F,
                        description="Evaluate the best checkpoint of RUN_DIR on a split of FEATURES: accuracy and P/R/F1 (VAAR), "
-                                   "frame-level AP (XD-Violence).")
+                                   "frame-level AP (XD-Violence). On the test split the numbers also go into the run's MODEL_CARD.md.")
     v.add_argument("run_dir"); v.add_argument("features")
     v.add_argument("--split", default="test"); v.add_argument("--json", action="store_true", help="print one JSON object")
+    v.add_argument("--gt", metavar="NPY", help="XD-Violence: a frame-level ground-truth .npy (e.g. the authors' gt.npy) instead of the one built from annotations.txt")
 
     r = sub.add_parser("predict", help="predict the class and the anomaly timeline of videos", formatter_class=F,
                        description="Decode, extract and predict VIDEO files with the model in RUN_DIR.")
@@ -184,7 +187,11 @@ def _cmd_evaluate(a):
     for p in (a.run_dir, a.features):
         if not Path(p).is_dir(): raise ConfigError(f"{p}: folder not found")
     from avar_net.train import evaluate
-    m = evaluate(a.run_dir, a.features, split=a.split)
+    m = evaluate(a.run_dir, a.features, split=a.split, gt=a.gt)
+    if a.split == "test":      # the run's model card shows the test metrics once measured (avar_net.modelcard)
+        from avar_net.modelcard import write_model_card
+        try: write_model_card(a.run_dir, test_metrics=m)
+        except OSError as e: print(f"avar-net: MODEL_CARD.md not updated ({e})", file=sys.stderr)
     if a.json: _print_json(m); return
     for k, v in m.items():
         if isinstance(v, (int, float)): print(f"{k:>20}: {v:.4f}" if isinstance(v, float) else f"{k:>20}: {v}")

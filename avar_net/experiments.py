@@ -195,7 +195,9 @@ def degraded_testset(params: Mapping, degrade, seed: int = 0) -> Path:
 def feature_config(params: Mapping, xd: bool = False):
     "The `FeatureConfig` of a profile: its backbones, grid (`step_s`, `frames_per_step`; XD grid when `xd`) and device."
     from avar_net.features import FeatureConfig
-    return FeatureConfig(audio_backbone=params["audio_backbone"], video_backbone=params["video_backbone"],
+    from avar_net.pretrain import resolve_backbone   # synth-pretrained -> its folder, whose name carries the pretraining key
+    return FeatureConfig(audio_backbone=resolve_backbone(params["audio_backbone"], "audio"),
+                         video_backbone=resolve_backbone(params["video_backbone"], "video"),
                          step_s=float(params["step_s"]), frames_per_step=int(params["frames_per_step"]), xd=xd,
                          device=params.get("device") or "auto")
 

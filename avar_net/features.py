@@ -23,8 +23,8 @@ __all__ = ['FEATURE_FORMAT', 'XD_FPS', 'XD_FRAMES_PER_STEP', 'GOVERN_THREADS', '
            'clip_id_for', 'assign_clip_ids', 'ClipItem', 'detect_layout', 'list_clips', 'parse_shard', 'shard_items',
            'clip_file', 'status_file', 'check_finite', 'write_feature_file', 'read_feature_file', 'read_status',
            'iter_status', 'is_done', 'ThreadGovernor', 'extract_clip', 'iter_extract', 'build_manifest',
-           'write_manifest', 'run_info_for', 'extract_dataset', 'extract_cli', 'FeatureStore', 'FeatureDataset',
-           'collate_features', 'pipeline_overhead']
+           'write_manifest', 'run_info_for', 'extract_dataset', 'extract_cli', 'launch_shard', 'write_shard_record',
+           'shards_done', 'FeatureStore', 'FeatureDataset', 'collate_features', 'pipeline_overhead']
 
 # %% ../nbs/05_features.ipynb #cell-6
 FEATURE_FORMAT = "avar_net.features/1"
@@ -714,7 +714,8 @@ def build_manifest(out_dir, run_info: dict, items: Sequence[ClipItem] | None = N
     ids = sorted(recs, key=lambda c: (order.get(c, 1 << 60), c)) if order else sorted(recs, key=lambda c: (recs[c].get("order", 1 << 60), c))
     clips, failures, warned, n = {}, [], [], {"ok": 0, "failed": 0, "stale": 0}
     keep = ("status", "reason", "sha256", "file", "source", "label", "label_name", "split", "order", "T", "has_audio",
-            "duration_s", "declared_duration_s", "n_frames", "cfg_key", "warnings")
+            "duration_s", "declared_duration_s", "n_frames", "cfg_key", "warnings",
+            "video", "crop")   # video, crop: clips that are crops of one video (avar_net.xdfeatures)
     for cid in ids:
         r = recs[cid]
         if order is not None and cid not in order: continue        # a clip no longer in the dataset
@@ -725,8 +726,9 @@ def build_manifest(out_dir, run_info: dict, items: Sequence[ClipItem] | None = N
         if e["status"] == "failed": failures.append({"clip_id": cid, "source": r.get("source"), "reason": r.get("reason")})
         if e["status"] == "ok" and r.get("warnings"): warned.append({"clip_id": cid, "source": r.get("source"), "warnings": r["warnings"]})
     n_total = len(items) if items is not None else len(clips)
+    shards = shards_done(out_dir, key)
     return {**run_info, "n_clips": n_total, "counts": {**n, "missing": n_total - n["ok"] - n["failed"] - n["stale"]},
-            "complete": n["ok"] + n["failed"] == n_total, "clips": clips, "failures": failures, "warnings": warned,
+            "complete": n["ok"] + n["failed"] == n_total, "clips": clips, "failures": failures, "warnings": warned, "shards": shards,
             "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 def write_manifest(out_dir, run_info: dict, items: Sequence[ClipItem] | None = None) -> dict:
@@ -781,14 +783,16 @@ def run_info_for(cfg: FeatureConfig, ex: Extractors, layout: str, data_root) -> 
                               "audio": "mono 16 kHz aligned to the video timeline, mean of the vectors whose centre falls in the step",
                               "missing_audio": "zero features, has_audio=False"}}
 
-def extract_dataset(data_root, out_dir, cfg: FeatureConfig | None = None, shard=(0, 1), progress: bool = True,
+def extract_dataset(data_root, out_dir, cfg: FeatureConfig | None = None, shard=None, progress: bool = True,
                     extractors: Extractors | None = None, verify_existing: bool = True, report: bool = True) -> dict:
-    """Extract features of every clip of `data_root` (VAAR or XD layout) in shard `i/n` into `out_dir`.
+    """Extract features of every clip of `data_root` (VAAR or XD layout) in shard `i/n` into `out_dir` (`shard=None`:
+    this process's rank under torchrun, else 0/1; see `launch_shard`).
     Returns a summary: counts, computed/skipped ids, failures [{clip_id, source, reason}], key, timings."""
     t_run = time.perf_counter()
     cfg = cfg or FeatureConfig()
     out_dir = Path(out_dir)
-    i, n = parse_shard(shard)
+    (i, n), device = launch_shard(shard, cfg.device)
+    if device != cfg.device: cfg = FeatureConfig.from_dict({**cfg.to_dict(), "device": device})
     layout, items = list_clips(data_root, cfg)
     mine = shard_items(items, (i, n))
     ex = extractors or build_extractors(cfg)
@@ -838,6 +842,7 @@ def extract_dataset(data_root, out_dir, cfg: FeatureConfig | None = None, shard=
     finally:
         bar.close()
     t_extract = time.perf_counter() - t_extract
+    write_shard_record(out_dir, key, (i, n), mine, failures)
     manifest = write_manifest(out_dir, info, items)
     if report and failures:
         print(f"extract: {len(failures)} of {len(mine)} clip(s) failed:", file=sys.stderr)
@@ -846,19 +851,48 @@ def extract_dataset(data_root, out_dir, cfg: FeatureConfig | None = None, shard=
             "n_skipped": len(skipped), "n_failed": len(failures), "n_recomputed": len(recomputed),
             "computed": computed, "skipped": skipped, "recomputed": recomputed, "failures": failures,
             "config_key": key, "layout": layout, "out_dir": str(out_dir), "manifest": str(out_dir / "manifest.json"),
-            "complete": manifest["complete"], "seconds": round(time.perf_counter() - t_run, 3),
+            "complete": manifest["complete"], "shards": manifest["shards"], "seconds": round(time.perf_counter() - t_run, 3),
             "timing": {**{k2: round(v, 3) for k2, v in tsum.items()}, "extract_wall_s": round(t_extract, 3),
                        "pipeline_over_backbones": round(t_extract / tsum["backbones_s"], 4) if tsum["backbones_s"] else None}}
 
 def extract_cli(data_root, out_dir, audio_backbone: str = "facebook/wav2vec2-base-960h", video_backbone: str = "mobilevit_s",
-                step: float = 0.25, shard="0/1", xd: bool = False, frames_per_step: int = 1, size: int | None = None,
+                step: float = 0.25, shard=None, xd: bool = False, frames_per_step: int = 1, size: int | None = None,
                 device: str = "auto", precision: str = "auto", decode_timeout_s: float = 600.0,
                 num_workers: int = 2, progress: bool = True) -> dict:
     "What `avar-net extract DATA_ROOT OUT_DIR --audio-backbone … --video-backbone … --step … --shard i/n --xd` calls."
     cfg = FeatureConfig(audio_backbone=audio_backbone, video_backbone=video_backbone, step_s=step, xd=xd,
                         frames_per_step=frames_per_step, size=size, device=device, precision=precision,
                         decode_timeout_s=decode_timeout_s, num_workers=num_workers)
-    return extract_dataset(data_root, out_dir, cfg, shard=parse_shard(shard), progress=progress)
+    return extract_dataset(data_root, out_dir, cfg, shard=shard, progress=progress)
+
+# %% ../nbs/05_features.ipynb #09fdd580
+def launch_shard(shard=None, device: str = "auto") -> tuple[tuple[int, int], str]:
+    """`((i, n), device)` of this process: under torchrun (`WORLD_SIZE` > 1) shard `RANK/WORLD_SIZE` and, for a CUDA
+    device, `cuda:LOCAL_RANK`; otherwise `shard` (default 0/1) and `device` unchanged."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1: return parse_shard(shard if shard is not None else (0, 1)), device
+    rank = int(os.environ.get("RANK", "0")); local = int(os.environ.get("LOCAL_RANK", rank))
+    if shard is not None and parse_shard(shard) != (rank, world):
+        raise ConfigError(f"--shard {shard} conflicts with torchrun's RANK/WORLD_SIZE = {rank}/{world}; drop --shard under torchrun")
+    if str(device) in ("auto", "cuda") and torch.cuda.is_available(): device = f"cuda:{local % torch.cuda.device_count()}"
+    return parse_shard((rank, world)), device
+
+def write_shard_record(out_dir, key: str, shard, items: Sequence[ClipItem], failures: Sequence[dict]) -> Path:
+    "Record that shard `i/n` finished for configuration `key`: `OUT/shards/<i>-of-<n>.json`."
+    i, n = parse_shard(shard)
+    return atomic_write_json(Path(out_dir) / "shards" / f"{i}-of-{n}.json", {
+        "shard": f"{i}/{n}", "config_key": key, "n_clips": len(items), "clips": [it.clip_id for it in items],
+        "failed": [f["clip_id"] for f in failures], "host": os.uname().nodename, "pid": os.getpid(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+def shards_done(out_dir, key: str) -> dict:
+    "Finished shards of configuration `key` by shard count n: `{n: {'done': [...], 'missing': [...]}}` (as strings)."
+    d, out = Path(out_dir) / "shards", {}
+    for p in sorted(d.glob("*-of-*.json")) if d.is_dir() else []:
+        try: r = json.loads(p.read_text()); i, n = parse_shard(r["shard"])
+        except (OSError, ValueError, KeyError, ConfigError): continue
+        if r.get("config_key") == key: out.setdefault(n, set()).add(i)
+    return {str(n): {"done": sorted(s), "missing": sorted(set(range(n)) - s)} for n, s in out.items()}
 
 # %% ../nbs/05_features.ipynb #cell-33
 class FeatureStore:

@@ -27,6 +27,9 @@ class Predictor:
         self.model, self.config = load_run(self.run_dir, checkpoint, device=self.device)
         f = self.config.get("features") or {}
         if "config" not in f: raise ConfigError(f"{self.run_dir / 'config.json'}: no extraction config recorded for the training features")
+        if (f.get("resolved") or {}).get("source") == "xd-official-release":
+            raise ConfigError(f"{self.run_dir}: trained on the official pre-extracted XD-Violence I3D + VGGish features "
+                              "(avar-net import-xd); predicting from video needs those extractors, which avar_net does not have")
         fc = {**f["config"], "device": str(self.device)}
         if fc.get("precision") == "int8":       # trained on int8 features: keep int8 where it runs, else the auto path
             from avar_net.audio import int8_supported

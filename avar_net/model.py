@@ -15,12 +15,14 @@ from fastcore.basics import patch
 from .core import ConfigError, DataError, WeightsError, atomic_write_bytes, atomic_write_json
 from .fusion import FUSIONS, LateFusion, make_fusion, check_inputs
 from .mtcn import TEMPORAL, MTCN, clip_logits, anomaly_logits, mil_topk, clip_loss, mil_loss
+from .hlnet import HLNetTemporal, hlnet_loss
 
 # %% auto #0
-__all__ = ['TASKS', 'AVARNetConfig', 'FeatureScaler', 'AVARNet']
+__all__ = ['TASKS', 'TEMPORALS', 'AVARNetConfig', 'FeatureScaler', 'AVARNet']
 
 # %% ../nbs/08_model.ipynb #cell-6
 TASKS = ("clip", "xd")
+TEMPORALS = {**TEMPORAL, "hlnet": HLNetTemporal}   # the temporal models AVARNet can build
 
 @dataclass
 class AVARNetConfig:
@@ -60,9 +62,11 @@ class AVARNetConfig:
         if not isinstance(self.standardize, bool):
             raise ConfigError(f"AVARNetConfig.standardize must be true or false, got {self.standardize!r}")
         num("dropout", 0.0, 1.0); num("smooth_weight", 0.0); num("tau", 0.0, lo_open=True)
-        for name, allowed in (("task", TASKS), ("fusion", FUSIONS), ("temporal", tuple(TEMPORAL))):
+        for name, allowed in (("task", TASKS), ("fusion", FUSIONS), ("temporal", tuple(TEMPORALS))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"AVARNetConfig.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if self.temporal == "hlnet" and self.task != "xd":
+            raise ConfigError("temporal 'hlnet' scores anomalies: it needs task 'xd'")
         if self.task == "xd" and self.num_classes != 2:
             raise ConfigError(f"task 'xd' predicts 2 per-step classes (normal, anomalous): set num_classes=2, got {self.num_classes}")
         return self
@@ -82,7 +86,8 @@ class AVARNetConfig:
 def _temporal(cfg: AVARNetConfig, in_dim: int) -> nn.Module:
     kw = dict(num_f_maps=cfg.num_f_maps, dropout=cfg.dropout)
     if cfg.temporal == "mtcn": kw.update(num_stages=cfg.num_stages, num_layers=cfg.num_layers)
-    return TEMPORAL[cfg.temporal](in_dim, cfg.num_classes, **kw)
+    if cfg.temporal == "hlnet": kw = dict(dropout=cfg.dropout)
+    return TEMPORALS[cfg.temporal](in_dim, cfg.num_classes, **kw)
 
 class FeatureScaler(nn.Module):
     """Per-dimension standardisation of the two feature streams, `(x - mean) / std`, with statistics of the training
@@ -183,8 +188,13 @@ def loss(self: AVARNet, out: dict, label: torch.Tensor, mask: torch.Tensor | Non
         class_weights = torch.as_tensor(class_weights, dtype=stage.dtype, device=stage.device)
         if class_weights.shape != (C,):
             raise ConfigError(f"class_weights must have shape ({C},), got {tuple(class_weights.shape)}")
-    fn = clip_loss if self.cfg.task == "clip" else mil_loss
     parts = out["branch_stage_logits"].values() if self.late else [stage]
+    if self.cfg.temporal == "hlnet":     # HL-Net's published loss: offline = last stage, online = stage 0
+        per = sum(hlnet_loss(anomaly_logits(p[-1]), anomaly_logits(p[0]), label, mask.sum(1), reduction="none") for p in parts)
+        if reduction == "none": return per
+        w = torch.ones_like(per) if class_weights is None else class_weights[label.long()]
+        return (per * w).sum() / w.sum()
+    fn = clip_loss if self.cfg.task == "clip" else mil_loss
     return sum(fn(p, label, mask.bool(), self.cfg.smooth_weight, self.cfg.tau, weight=class_weights, reduction=reduction) for p in parts)
 
 # %% ../nbs/08_model.ipynb #cell-22

@@ -15,7 +15,7 @@ from .core import VAAR_CLASSES, ConfigError, DataError, atomic_write_json, atomi
 # %% auto #0
 __all__ = ['SYNTH_VERSION', 'CLASS_SIGNATURES', 'XD_SIGNATURES', 'SYNTH_PROFILES', 'X264_OPTIONS', 'AAC_BITRATE',
            'XD_VIOLENT_CODES', 'ambiguous_pairs', 'Degradation', 'render_clip', 'write_mp4', 'generate_synthavar',
-           'xd_name', 'generate_synthxd', 'synth_root', 'synth_cli']
+           'xd_name', 'generate_synthxd', 'synth_root', 'synth_cli', 'probe_features']
 
 # %% ../nbs/02_synth.ipynb #cell-6
 SYNTH_VERSION = "1.0"
@@ -1126,3 +1126,20 @@ def synth_cli(out_dir, profile: str = "tiny", seed: int = 0, kind: str = "avar",
     took = "already complete" if st["skipped"] else f"{st['seconds']:.1f} s"
     print(f"{what} -> {root} ({took})")
     return root
+
+# %% ../nbs/02_synth.ipynb #7b7d563a
+def probe_features(path) -> tuple[np.ndarray, np.ndarray]:
+    "Hand-made (video, audio) features of a clip for a linear probe: colour-thumbnail and log-mel statistics over time."
+    import av, torch, torchaudio
+    with av.open(str(path)) as c: fr_ = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)]).astype(np.float32) / 255
+    with av.open(str(path)) as c:
+        wave = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)]) if c.streams.audio else np.zeros(16000, np.float32)
+    N, H, W, _ = fr_.shape; k = H // 8
+    th = fr_[:, :8 * k, :8 * k].reshape(N, 8, k, 8, k, 3).mean((2, 4))
+    d = np.abs(np.diff(th, axis=0)).mean(-1) if N > 1 else np.zeros((1, 8, 8))
+    v = np.concatenate([th.mean(0).ravel(), th.std(0).ravel(), th.max(0).ravel(), d.mean(0).ravel(), d.max(0).ravel()])
+    mel = torch.nn.Sequential(torchaudio.transforms.MelSpectrogram(16000, n_fft=512, hop_length=160, n_mels=64),
+                              torchaudio.transforms.AmplitudeToDB(top_db=80))
+    S = mel(torch.from_numpy(np.ascontiguousarray(wave, np.float32))).numpy()
+    return v, np.concatenate([S.mean(1), S.std(1), S.max(1), np.percentile(S, 90, axis=1)])
+

@@ -21,7 +21,7 @@ from .features import FeatureStore, FeatureDataset, collate_features
 __all__ = ['TrainConfig', 'derive_seed', 'carve_val_split', 'class_names_of', 'class_weights_for', 'epoch_batches', 'shard_batch',
            'per_clip_losses', 'save_checkpoint', 'checkpoint_problem', 'recover_checkpoint', 'load_checkpoint',
            'LRFactor', 'run_split', 'split_metrics', 'resolve_model_config', 'train', 'load_run',
-           'xd_test_ground_truth', 'evaluate', 'write_synthetic_features']
+           'xd_test_ground_truth', 'xd_video_scores', 'load_gt', 'evaluate', 'write_synthetic_features']
 
 # %% ../nbs/09_train.ipynb #cell-6
 _OPTIMIZERS, _SCHEDULES, _AMP = ("adam", "adamw"), ("cosine", "none"), ("auto", "bf16", "none")
@@ -88,9 +88,11 @@ def derive_seed(seed: int, *keys: int) -> int:
 
 # %% ../nbs/09_train.ipynb #cell-12
 def carve_val_split(records: Sequence[Mapping], val_fraction: float = 0.2, seed: int = 0) -> tuple[list[str], list[str]]:
-    "Stratified, seeded split of `records` (dicts with clip_id, label) into (train ids, val ids); deterministic."
-    by_label: dict[int, list[str]] = {}
-    for r in records: by_label.setdefault(int(r["label"]), []).append(str(r["clip_id"]))
+    """Stratified, seeded split of `records` (dicts with clip_id, label) into (train ids, val ids); deterministic.
+    Records that share a `video` (the crops of one XD-Violence video) are split as one unit."""
+    unit = lambda r: str(r.get("video") or r["clip_id"])
+    by_label: dict[int, set[str]] = {}
+    for r in records: by_label.setdefault(int(r["label"]), set()).add(unit(r))
     rng = np.random.default_rng(derive_seed(seed, _STREAM["val_split"]))
     val: set[str] = set()
     for lab in sorted(by_label):
@@ -98,8 +100,7 @@ def carve_val_split(records: Sequence[Mapping], val_fraction: float = 0.2, seed:
         n = len(ids)
         k = 0 if n < 2 else min(n - 1, max(1, int(round(val_fraction * n))))
         val.update(ids[i] for i in rng.permutation(n)[:k])
-    order = [str(r["clip_id"]) for r in records]
-    return [c for c in order if c not in val], [c for c in order if c in val]
+    return [str(r["clip_id"]) for r in records if unit(r) not in val], [str(r["clip_id"]) for r in records if unit(r) in val]
 
 # %% ../nbs/09_train.ipynb #cell-15
 def class_names_of(store: FeatureStore) -> list[str]:
@@ -535,7 +536,11 @@ def _train_loop(store, run_dir: Path, config, split, mcfg, tcfg, dist_: _Dist, d
               "select_on": sel_key, "best_score": ts["best_score"], "best": best, "last": ts["history"][-1] if ts["history"] else None,
               "stopped_early": ts["stopped_early"], "n_train": len(tr_pos), "n_val": len(va_pos), "val_source": split["val_source"],
               "world_size": dist_.world, "device": str(dev), "amp": amp_used, "seconds": round(time.perf_counter() - t_start, 3)}
-    if dist_.main: atomic_write_json(run_dir / "result.json", _json_safe(result))
+    if dist_.main:
+        atomic_write_json(run_dir / "result.json", _json_safe(result))
+        from avar_net.modelcard import write_model_card   # MODEL_CARD.md from what the run recorded
+        try: write_model_card(run_dir)
+        except Exception as e: log(f"{run_dir}: MODEL_CARD.md not written ({type(e).__name__}: {e})")
     return _json_safe(result)
 
 def _write_metrics(run_dir: Path, history: Sequence[Mapping]) -> None:
@@ -579,8 +584,25 @@ def xd_test_ground_truth(store: FeatureStore, recs: Sequence[Mapping], annotatio
         n_frames.append(int(r["n_frames"]))
     return xd_frame_gt(names, n_frames, parse_xd_annotations(ann))
 
+def xd_video_scores(recs: Sequence[Mapping], step_scores: Sequence) -> tuple[list, list]:
+    """Per-video scores in list order: records sharing a `video` (crops) become one `(crops, T)` array (the AP averages
+    crops), others stay `(T,)`. Returns (scores, the first record of every video)."""
+    groups: dict[str, list] = {}
+    for r, s in zip(recs, step_scores): groups.setdefault(str(r.get("video") or r["clip_id"]), []).append((r, np.asarray(s)))
+    scores, first = [], []
+    for v, items in groups.items():
+        if len({len(s) for _, s in items}) != 1: raise DataError(f"video {v}: its crops have different lengths {[len(s) for _, s in items]}")
+        scores.append(np.stack([s for _, s in items]) if len(items) > 1 else items[0][1]); first.append(items[0][0])
+    return scores, first
+
+def load_gt(path) -> np.ndarray:
+    "A frame-level ground-truth vector from a .npy file (such as the authors' list/gt.npy)."
+    try: g = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e: raise DataError(f"{path}: not a readable .npy ground truth ({e})") from None
+    return np.asarray(g).reshape(-1)
+
 def evaluate(run_dir, features_dir, split: str = "test", checkpoint: str = "best", device="auto", annotations=None,
-             batch_size: int = 16) -> dict:
+             batch_size: int = 16, gt=None) -> dict:
     "Score checkpoint `checkpoint` of `run_dir` on `split` of `features_dir`; JSON-serialisable metrics."
     dev = auto_device(device)
     model, cfg = load_run(run_dir, checkpoint, device=dev)
@@ -606,7 +628,12 @@ def evaluate(run_dir, features_dir, split: str = "test", checkpoint: str = "best
     else:
         out.update({k: v for k, v in split_metrics(res, task, names).items() if k.startswith("video_")})
         if split == "test":
-            out.update(xd_frame_ap(res["step_scores"], xd_test_ground_truth(store, recs, annotations)))
+            scores, vrecs = xd_video_scores(recs, res["step_scores"])
+            if gt is not None:                   # a ready vector: the cache must still hold every test clip (all crops)
+                bad = [k for k, r in store.manifest["clips"].items() if r.get("split") == "test" and r.get("status") != "ok"]
+                if bad: raise DataError(f"{store.out_dir}: {len(bad)} test clip(s) not extracted (e.g. {bad[0]}); every test clip is needed")
+            truth = load_gt(gt) if gt is not None else xd_test_ground_truth(store, vrecs, annotations)
+            out.update(xd_frame_ap(scores, truth)); out["n_videos_scored"] = len(vrecs)
             out["ap"] = out["ap_official"]
     return _json_safe(out)
 

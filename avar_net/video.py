@@ -210,7 +210,8 @@ def _timm_from_file(wfile: Path, label: str, arch: str|None, cfg_overlay: dict|N
 def load_timm_mobilevit(backbone: str = "mobilevit_s"):
     "`(model, arch, Preprocess, weights_id, sha256 | None)` for a timm backbone spec; model frozen, eval, pooled output."
     import timm
-    spec = parse_weight_spec(backbone)
+    from avar_net.pretrain import resolve_backbone
+    spec = parse_weight_spec(resolve_backbone(backbone, "video"))   # 'synth-pretrained' names a folder in the user cache
     if spec.is_random:
         arch, overlay = ("mobilevit_s", None) if spec.kind == "random" else ("mobilevit_xxs", {"input_size": (3, 128, 128)})
         model = random_init(lambda: _timm_create(arch, overlay), spec.seed)

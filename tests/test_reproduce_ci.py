@@ -7,7 +7,8 @@ import pytest
 from avar_net.reproduce import reproduce, check_manifest, NOTEBOOKS, REPORTED
 
 # the tables and figures the experiment notebooks promise (README shows the first three)
-EXPECTED = {"20_fusion_ablation": {"fusion_ablation", "temporal_ablation", "fusion_pairs", "ablations"},
+EXPECTED = {"16_pretrain": {"pretrain_curves", "pretrain_probe"},
+            "20_fusion_ablation": {"fusion_ablation", "temporal_ablation", "fusion_pairs", "ablations"},
             "21_vaar": {"vaar_main", "vaar_confusion", "vaar_per_class_f1", "vaar_training_curves", "vaar_tsne"},
             "22_xd": {"xd_main", "xd_published", "xd_curves", "xd_timelines"},
             "23_robustness": {"robustness"},

@@ -74,7 +74,7 @@ def test_learns_far_above_chance_and_evaluate(feats, tmp_path):
     last = evaluate(tmp_path / "run", feats, "test", checkpoint="last")
     assert last["epoch"] == 10
     layout = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert layout == ["checkpoints", "config.json", "metrics.jsonl", "result.json", "split.json"]
+    assert layout == ["MODEL_CARD.md", "checkpoints", "config.json", "metrics.jsonl", "result.json", "split.json"]
     assert sorted(p.name for p in (tmp_path / "run/checkpoints/last").iterdir()) == \
         ["checksums.json", "config.json", "model.safetensors", "state.pt", "trainer_state.json"]
     cfg = json.loads((tmp_path / "run/config.json").read_text())

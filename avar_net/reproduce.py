@@ -12,8 +12,9 @@ from .core import (AvarError, ConfigError, project_root, project_path, sha256_fi
                            atomic_write_text, git_commit, in_test)
 
 # %% auto #0
-__all__ = ['NOTEBOOKS', 'PROFILES', 'REPORTED', 'profile_params', 'measured_source', 'source_commit', 'run_notebook',
-           'build_manifest', 'check_manifest', 'render_readme', 'readme_blocks', 'sync_readme', 'reproduce']
+__all__ = ['NOTEBOOKS', 'PROFILES', 'REPORTED', 'KEPT_DIR', 'profile_params', 'measured_source', 'source_commit', 'run_notebook',
+           'keep_executed', 'build_manifest', 'check_manifest', 'render_readme', 'readme_blocks', 'sync_readme',
+           'reproduce']
 
 # %% ../nbs/14_reproduce.ipynb #cell-6
 NOTEBOOKS = ["01_data", "02_synth", "16_pretrain", "20_fusion_ablation", "21_vaar", "22_xd", "23_robustness", "24_efficiency"]
@@ -103,6 +104,25 @@ def run_notebook(name: str, params: dict, out_dir: Path, nbs_dir: Path | None = 
         raise AvarError(f"notebook {name} failed in cell {ex.exec_count} ({ex.ename}: {ex.evalue}); executed copy: {out}") from None
     return out
 
+# %% ../nbs/14_reproduce.ipynb #ea9ae04d
+KEPT_DIR = "notebooks"   # under figures/: the executed copies the documentation site shows
+_DROP_MIME = ("application/vnd.jupyter.widget-view+json", "application/vnd.jupyter.widget-state+json")
+
+def keep_executed(executed, dest_dir, max_lines: int = 60) -> Path:
+    """Write a small copy of the executed notebook `executed` to `dest_dir` (atomically): outputs kept, widget state
+    and papermill metadata dropped, stream outputs cut to their last `max_lines` lines."""
+    nb = nbformat.read(str(executed), as_version=4)
+    nb.metadata = {k: v for k, v in nb.metadata.items() if k in ("kernelspec", "language_info")}
+    for c in nb.cells:
+        c.metadata = {k: v for k, v in c.metadata.items() if k == "tags"}
+        for o in c.get("outputs", []):
+            if "data" in o: o["data"] = {k: v for k, v in o["data"].items() if k not in _DROP_MIME}
+            if o.get("output_type") == "stream" and len(lines := o["text"].splitlines(True)) > max_lines:
+                o["text"] = f"[… {len(lines) - max_lines} earlier lines cut]\n" + "".join(lines[-max_lines:])
+    dest = Path(dest_dir) / Path(executed).name
+    atomic_write_text(dest, nbformat.writes(nb))
+    return dest
+
 # %% ../nbs/14_reproduce.ipynb #cell-14
 def build_manifest(figures_dir: Path, records: dict[str, list[dict]], params: dict, commit: str, old: dict | None = None) -> dict:
     "Manifest entries for every artifact recorded; entries of notebooks not rerun are kept from `old`."
@@ -173,18 +193,24 @@ def reproduce(profile: str = "demo", only: str | None = None, figures_dir=None, 
     rec_dir = out_dir / "records"; rec_dir.mkdir(parents=True, exist_ok=True)
     commit = source_commit(root)
     names = _resolve(only)
-    records = {}
+    records, kept = {}, {}
     for name in names:
         rec = rec_dir / f"{name}.jsonl"; rec.unlink(missing_ok=True)
         t0 = time.time(); log(f"[reproduce:{profile}] {name} …")
-        with _env(AVAR_RECORDS=rec, AVAR_FIGURES_DIR=figures_dir, AVAR_COMMIT=commit, AVAR_PROFILE=profile):
-            run_notebook(name, params, out_dir, nbs_dir)
+        # figures shown inline stay in the executed copy even where MPLBACKEND says Agg (as the test runner sets it)
+        with _env(AVAR_RECORDS=rec, AVAR_FIGURES_DIR=figures_dir, AVAR_COMMIT=commit, AVAR_PROFILE=profile,
+                  MPLBACKEND="module://matplotlib_inline.backend_inline"):
+            out_nb = run_notebook(name, params, out_dir, nbs_dir)
+        k = keep_executed(out_nb, figures_dir / KEPT_DIR)
+        kept[name] = dict(file=f"{KEPT_DIR}/{k.name}", profile=profile, git_commit=commit, sha256=sha256_file(k))
         records[name] = [json.loads(l) for l in rec.read_text().splitlines()] if rec.exists() else []
         log(f"[reproduce:{profile}] {name} done in {time.time() - t0:.0f} s, {len(records[name])} artifacts")
     mf_path = figures_dir / "MANIFEST.json"
     old = json.loads(mf_path.read_text()) if (only and mf_path.exists()) else None
     if old and old.get("profile") != profile: old = None
     manifest = build_manifest(figures_dir, records, params, commit, old)
+    prev = json.loads(mf_path.read_text()) if mf_path.exists() else {}
+    manifest["notebooks"] = dict(sorted({**prev.get("notebooks", {}), **kept}.items()))   # tutorials' copies stay listed
     if not only:   # a complete run owns the folder: remove artifacts that no notebook produces any more
         for p in figures_dir.iterdir():
             if p.is_file() and p.name != "MANIFEST.json" and p.name not in manifest["artifacts"]:

@@ -43,11 +43,8 @@ def render_visual_example(seed: int, index: int, size: int = 64, n_frames: int =
     t = np.arange(int(tl.t_end * fps)) / fps
     inside = np.flatnonzero((t >= tl.t_on + 0.1 * (tl.t_off - tl.t_on)) & (t <= tl.t_off))
     pick = np.sort(rng.choice(inside, size=min(n_frames, len(inside)), replace=False)) if len(inside) else np.array([len(t) // 2])
-    deg = _synth.Degradation(occlusion=float(rng.uniform(0.05, 0.3)) if rng.random() < 0.15 else 0.0,
-                             low_light=float(rng.uniform(0.2, 0.7)) if rng.random() < 0.15 else 0.0,
-                             visual_noise=float(rng.uniform(0.05, 0.2)) if rng.random() < 0.15 else 0.0)
     F = _synth._render_frames(size, t[pick], fps, s, sc, [(VISUAL_SOURCES[label], tl)])
-    return _synth._finish_frames(F, s, sc, deg), label
+    return _synth._finish_frames(F, s, sc, _synth.Degradation()), label
 
 # %% ../nbs/16_pretrain.ipynb #cell-11
 def render_sound_example(seed: int, index: int, sr: int = 16000, window_s: float = 1.0):

@@ -4,15 +4,15 @@
 
 # %% ../nbs/15_experiments.ipynb #cell-3
 from __future__ import annotations
-import os, sys, json, shutil, hashlib, tempfile, contextlib, dataclasses
+import os, sys, json, shutil, hashlib, tempfile, contextlib
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import avar_net
-from .core import (VAAR_CLASSES, AvarError, ConfigError, DataError, project_path, in_test, atomic_write_json,
+from .core import (ConfigError, DataError, project_path, in_test, atomic_write_json,
                            atomic_write_text, sha256_bytes, sha256_file)
-from .reproduce import PROFILES, profile_params, measured_source, REPORTED
+from .reproduce import PROFILES, profile_params
 
 # %% auto #0
 __all__ = ['PARAM_KEYS', 'parameters_source', 'notebook_params', 'check_parameters_cell', 'spec_key', 'file_lock', 'cached_many',

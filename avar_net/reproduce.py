@@ -4,12 +4,12 @@
 
 # %% ../nbs/14_reproduce.ipynb #cell-3
 from __future__ import annotations
-import os, re, json, time, shutil, contextlib
+import os, re, json, time, contextlib
 from pathlib import Path
 import nbformat
 import avar_net
 from .core import (AvarError, ConfigError, project_root, project_path, sha256_file, atomic_write_json,
-                           atomic_write_text, git_commit, in_test)
+                           atomic_write_text, git_commit)
 
 # %% auto #0
 __all__ = ['NOTEBOOKS', 'PROFILES', 'REPORTED', 'KEPT_DIR', 'profile_params', 'measured_source', 'source_commit', 'run_notebook',

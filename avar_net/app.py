@@ -4,7 +4,7 @@
 
 # %% ../nbs/30_app.ipynb #1ad4fa11
 from __future__ import annotations
-import os, re, sys, json, time, shutil, logging, tempfile, threading, dataclasses
+import os, re, json, time, shutil, logging, tempfile, threading, dataclasses
 from concurrent.futures import ThreadPoolExecutor, Future
 from contextlib import contextmanager
 from dataclasses import dataclass

@@ -4,11 +4,11 @@
 
 # %% ../nbs/13_bench.ipynb #cell-3
 from __future__ import annotations
-import os, sys, json, time, math, platform, statistics, subprocess, tempfile, threading, copy
+import os, sys, json, time, math, platform, statistics, subprocess, tempfile, copy
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 import numpy as np
-from .core import ConfigError, AvarError, in_test, project_path
+from .core import ConfigError, AvarError, project_path
 
 # %% auto #0
 __all__ = ['TARGETS', 'median', 'ratio', 'interleave', 'cosine', 'machine_info', 'roofline_sizes', 'matmul_fns',
@@ -514,7 +514,7 @@ def _per_clip_loop(model, out, label, mask):
 
 def _train_pair(batch: int, steps: int, device: str, seed: int):
     "Baseline and library training steps of the default AVARNet on the same random batch, with equal initial weights."
-    import copy, types
+    import types
     import torch
     from avar_net.model import AVARNet, AVARNetConfig
     from avar_net.train import per_clip_losses
@@ -647,7 +647,6 @@ def run_bench(quick: bool = False, repeats: int = 5, device: str = "cpu", long_v
     finally: torch.set_num_threads(old_threads)
 
 def _run_bench(quick, repeats, device, long_video, progress) -> dict:
-    import torch
     s = bench_sizes(quick)
     reps = min(int(repeats), s["max_repeats"]) if s["max_repeats"] else int(repeats)
     log = (lambda *a: print("[bench]", *a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)

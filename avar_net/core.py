@@ -4,9 +4,9 @@
 
 # %% ../nbs/00_core.ipynb #cell-3
 from __future__ import annotations
-import os, io, sys, json, hashlib, random, tempfile, contextlib, platform, subprocess
+import os, io, json, hashlib, random, tempfile, contextlib, subprocess
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 import numpy as np
 
 # %% auto #0

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import av
-from .core import (VAAR_CLASSES, AvarError, ConfigError, DataError, DecodeError, atomic_write_text)
+from .core import (VAAR_CLASSES, ConfigError, DataError, DecodeError, atomic_write_text)
 
 # %% auto #0
 __all__ = ['MAX_DURATION_S', 'MAX_PIXELS', 'MAX_CLIP_BYTES', 'MIN_BYTES_PER_S', 'MAX_RESAMPLE_KERNEL', 'MEDIA_EXTS', 'SPLITS',
@@ -308,7 +308,7 @@ def _decode_frames(c, s, rep: DecodeReport, budget: _Budget, max_consecutive: in
             for pk in c.demux(s):
                 budget.check()
                 try: frames = s.decode(pk)
-                except _AV_ERRORS as e:
+                except _AV_ERRORS:
                     rep.errors += 1; consecutive += 1; rep._pending = True
                     if consecutive > max_consecutive: return
                     continue
@@ -318,7 +318,7 @@ def _decode_frames(c, s, rep: DecodeReport, budget: _Budget, max_consecutive: in
                     if getattr(f, "is_corrupt", False): rep.corrupt += 1; rep._pending = True
                     yield f
             return
-        except _AV_ERRORS as e:
+        except _AV_ERRORS:
             budget.check()
             rep.errors += 1; consecutive += 1; rep._pending = True
             if consecutive > max_consecutive: return

@@ -4,7 +4,7 @@
 
 # %% ../nbs/32_docs.ipynb #c49c7cf6
 from __future__ import annotations
-import os, re, ast, copy, html, json, shutil, time, functools
+import re, ast, copy, html, json, shutil, time, functools
 from pathlib import Path
 from .core import AvarError, ConfigError, project_root, atomic_write_text, sha256_file
 

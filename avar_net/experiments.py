@@ -4,22 +4,22 @@
 
 # %% ../nbs/15_experiments.ipynb #cell-3
 from __future__ import annotations
-import os, sys, json, shutil, hashlib, tempfile, contextlib, dataclasses
+import os, sys, json, shutil, hashlib, tempfile, contextlib
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import avar_net
-from .core import (VAAR_CLASSES, AvarError, ConfigError, DataError, project_path, in_test, atomic_write_json,
+from .core import (ConfigError, DataError, project_path, in_test, atomic_write_json,
                            atomic_write_text, sha256_bytes, sha256_file)
-from .reproduce import PROFILES, profile_params, measured_source, REPORTED
+from .reproduce import PROFILES, profile_params
 
 # %% auto #0
 __all__ = ['PARAM_KEYS', 'parameters_source', 'notebook_params', 'check_parameters_cell', 'spec_key', 'file_lock', 'cached_many',
-           'cached', 'synth_dataset', 'degradation_tag', 'degraded_testsets', 'degraded_testset', 'feature_config',
-           'data_fingerprint', 'feature_caches', 'feature_cache', 'code_fingerprint', 'torch_threads', 'train_eval',
-           'train_many', 'variant', 'run_name', 'train_variants', 'evaluate_on', 'model_cost', 'run_outputs',
-           'xd_test_scores', 'read_metrics', 'mean_std_table', 'data_note']
+           'cached', 'synth_dataset', 'degradation_tag', 'progress_bar', 'degraded_testsets', 'degraded_testset',
+           'feature_config', 'data_fingerprint', 'feature_caches', 'feature_cache', 'code_fingerprint', 'torch_threads',
+           'train_eval', 'train_many', 'variant', 'run_name', 'train_variants', 'evaluate_on', 'model_cost',
+           'run_outputs', 'xd_test_scores', 'read_metrics', 'mean_std_table', 'data_note']
 
 # %% ../nbs/15_experiments.ipynb #cell-6
 PARAM_KEYS: tuple[str, ...] = tuple(PROFILES["demo"])
@@ -152,11 +152,26 @@ def _render_job(job: dict) -> None:
     frames, audio, fps, sr = render_clip(c["label_index"], c["seed"], c["size"], c["duration_s"], c["fps"], c["sr"], job["degrade"])
     write_mp4(Path(job["root"]) / c["clip"], frames, fps, audio, sr)
 
-def _map(fn, jobs: list, workers: int) -> list:
-    if workers <= 1 or len(jobs) < 2: return [fn(j) for j in jobs]
-    import concurrent.futures as cf, multiprocessing as mp
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
-        return list(ex.map(fn, jobs))
+def progress_bar(total: int, desc: str):
+    """A tqdm bar on the process's own stderr when `AVAR_PROGRESS` is set (as `avar-net reproduce` sets it): inside a
+    notebook kernel that is the terminal of the command, not the notebook's output; otherwise a disabled bar."""
+    from tqdm.auto import tqdm as _tqdm
+    from tqdm import tqdm
+    on = bool(os.environ.get("AVAR_PROGRESS"))
+    return (tqdm if on else _tqdm)(total=total, desc=desc, file=sys.__stderr__ if on else None, disable=not on,
+                                   mininterval=5.0, dynamic_ncols=True, leave=False)
+
+def _map(fn, jobs: list, workers: int, desc: str = "jobs") -> list:
+    with progress_bar(len(jobs), desc) as bar:
+        if workers <= 1 or len(jobs) < 2:
+            out = []
+            for j in jobs: out.append(fn(j)); bar.update()
+            return out
+        import concurrent.futures as cf, multiprocessing as mp
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
+            out = []
+            for r in ex.map(fn, jobs): out.append(r); bar.update()
+            return out
 
 def degraded_testsets(params: Mapping, degrades: Sequence, seed: int = 0) -> list[Path]:
     """The test split of the profile's SynthAVAR re-rendered with each degradation of `degrades` (`Degradation`s or
@@ -178,7 +193,8 @@ def degraded_testsets(params: Mapping, degrades: Sequence, seed: int = 0) -> lis
                                  "synth": SYNTH_VERSION, "format": "test split only"}, d)
     def build_all(outs: list[Path]) -> list:
         todo = [items[str(o)] for o in outs]
-        _map(_render_job, [{"root": str(o), "clip": c, "degrade": d.to_dict()} for o, _, d in todo for c in clips], _workers())
+        _map(_render_job, [{"root": str(o), "clip": c, "degrade": d.to_dict()} for o, _, d in todo for c in clips], _workers(),
+             desc="degraded test clips")
         for o, _, d in todo:
             atomic_write_text(o / "splits.csv", "clip,label,split\n" + "".join(f"{c['clip']},{c['label']},test\n" for c in clips))
             atomic_write_json(o / "manifest.json", {"kind": "synthavar-degraded-test", "clean": clean.name, "degrade": d.to_dict(),
@@ -239,7 +255,8 @@ def feature_caches(data_roots: Sequence, params: Mapping, xd: bool = False) -> l
         todo = [items[str(o)] for o in outs]
         n = _workers() if cpu else 1
         if n > 1:
-            _map(_extract_job, [{"root": str(r), "out": str(o), "cfg": cfg.to_dict(), "shard": (i, n)} for o, _, r in todo for i in range(n)], n)
+            _map(_extract_job, [{"root": str(r), "out": str(o), "cfg": cfg.to_dict(), "shard": (i, n)} for o, _, r in todo for i in range(n)], n,
+                 desc="feature extraction shards")
         res = []
         with torch_threads(1 if cpu else None):
             ex = build_extractors(cfg)
@@ -323,7 +340,7 @@ def train_many(jobs: Sequence[Mapping], workers: int | None = None) -> list[dict
     for j in jobs: j["params"], j["features"] = dict(j["params"]), str(j["features"])
     # children inherit os.environ; make the folders explicit so that they agree with this process
     os.environ.setdefault("AVAR_DATA_DIR", str(project_path("data"))); os.environ.setdefault("AVAR_RUNS_DIR", str(project_path("runs")))
-    return _map(_train_job, jobs, min(workers, len(jobs)))
+    return _map(_train_job, jobs, min(workers, len(jobs)), desc="training runs")
 
 # %% ../nbs/15_experiments.ipynb #cell-20
 def variant(fusion: str = "early", temporal: str = "mtcn", num_stages: int = 4) -> dict:

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import os, re, sys, json, time, queue, struct, fcntl, threading, contextlib, statistics
 from collections import deque
-from dataclasses import dataclass, field, asdict, fields
+from dataclasses import dataclass, asdict, fields
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, Sequence
 import numpy as np

@@ -4,9 +4,7 @@
 
 # %% ../nbs/12_infer.ipynb #cell-3
 from __future__ import annotations
-import json, math
 from pathlib import Path
-from typing import Any, Sequence
 import numpy as np
 import torch
 from .core import ConfigError, DataError, DecodeError, WeightsError, auto_device, set_style, save_figure

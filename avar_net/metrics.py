@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_metrics.ipynb #cell-3
 from __future__ import annotations
-import time, math, statistics
+import time, statistics
 from typing import Sequence, Any
 import numpy as np
 from .core import DataError, ConfigError

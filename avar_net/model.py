@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
-import torch.nn.functional as F
 from fastcore.basics import patch
 from .core import ConfigError, DataError, WeightsError, atomic_write_bytes, atomic_write_json
 from .fusion import FUSIONS, LateFusion, make_fusion, check_inputs
-from .mtcn import TEMPORAL, MTCN, clip_logits, anomaly_logits, mil_topk, clip_loss, mil_loss
+from .mtcn import TEMPORAL, clip_logits, anomaly_logits, mil_topk, clip_loss, mil_loss
 from .hlnet import HLNetTemporal, hlnet_loss
 
 # %% auto #0

@@ -9,7 +9,7 @@ from dataclasses import dataclass, asdict, replace
 from pathlib import Path
 import numpy as np
 import torch
-from .core import VAAR_CLASSES, ConfigError, WeightsError, atomic_write_json
+from .core import ConfigError, atomic_write_json
 from . import synth as _synth
 
 # %% auto #0

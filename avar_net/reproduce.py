@@ -4,12 +4,12 @@
 
 # %% ../nbs/14_reproduce.ipynb #cell-3
 from __future__ import annotations
-import os, re, json, time, shutil, contextlib
+import os, re, json, time, contextlib
 from pathlib import Path
 import nbformat
 import avar_net
 from .core import (AvarError, ConfigError, project_root, project_path, sha256_file, atomic_write_json,
-                           atomic_write_text, git_commit, in_test)
+                           atomic_write_text, git_commit)
 
 # %% auto #0
 __all__ = ['NOTEBOOKS', 'PROFILES', 'REPORTED', 'KEPT_DIR', 'profile_params', 'measured_source', 'source_commit', 'run_notebook',
@@ -90,21 +90,32 @@ def _env(**kv):
             if v is None: os.environ.pop(k, None)
             else: os.environ[k] = v
 
+def _ipc_kernel_manager():
+    "A jupyter kernel manager whose kernels talk over local IPC sockets instead of TCP ports on the loopback."
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+    class IPCKernelManager(AsyncKernelManager):
+        @default("transport")
+        def _default_transport(self): return "ipc"
+    return IPCKernelManager
+
 def run_notebook(name: str, params: dict, out_dir: Path, nbs_dir: Path | None = None) -> Path:
-    "Execute `nbs/<name>.ipynb` with papermill and `params`; raise `AvarError` naming the notebook and cell on failure."
+    """Execute `nbs/<name>.ipynb` with papermill and the `params` its parameters cell declares; raise `AvarError`
+    naming the notebook and cell on failure."""
     import papermill as pm
     nbs_dir = Path(nbs_dir or project_root() / "nbs")
     src = nbs_dir / f"{name}.ipynb"
     if not src.exists(): raise ConfigError(f"{src}: notebook not found")
     out = Path(out_dir) / f"{name}.ipynb"; out.parent.mkdir(parents=True, exist_ok=True)
+    declared = pm.inspect_notebook(str(src))
     try:
-        pm.execute_notebook(str(src), str(out), parameters=params, cwd=str(nbs_dir), kernel_name="python3",
-                            progress_bar=False, log_output=False)
+        pm.execute_notebook(str(src), str(out), parameters={k: v for k, v in params.items() if k in declared}, cwd=str(nbs_dir),
+                            kernel_name="python3", progress_bar=False, log_output=False, kernel_manager_class=_ipc_kernel_manager())
     except pm.PapermillExecutionError as ex:
         raise AvarError(f"notebook {name} failed in cell {ex.exec_count} ({ex.ename}: {ex.evalue}); executed copy: {out}") from None
     return out
 
-# %% ../nbs/14_reproduce.ipynb #ea9ae04d
+# %% ../nbs/14_reproduce.ipynb #cell-x16
 KEPT_DIR = "notebooks"   # under figures/: the executed copies the documentation site shows
 _DROP_MIME = ("application/vnd.jupyter.widget-view+json", "application/vnd.jupyter.widget-state+json")
 
@@ -198,7 +209,7 @@ def reproduce(profile: str = "demo", only: str | None = None, figures_dir=None, 
         rec = rec_dir / f"{name}.jsonl"; rec.unlink(missing_ok=True)
         t0 = time.time(); log(f"[reproduce:{profile}] {name} …")
         # figures shown inline stay in the executed copy even where MPLBACKEND says Agg (as the test runner sets it)
-        with _env(AVAR_RECORDS=rec, AVAR_FIGURES_DIR=figures_dir, AVAR_COMMIT=commit, AVAR_PROFILE=profile,
+        with _env(AVAR_RECORDS=rec, AVAR_FIGURES_DIR=figures_dir, AVAR_COMMIT=commit, AVAR_PROFILE=profile, AVAR_PROGRESS=1,
                   MPLBACKEND="module://matplotlib_inline.backend_inline"):
             out_nb = run_notebook(name, params, out_dir, nbs_dir)
         k = keep_executed(out_nb, figures_dir / KEPT_DIR)

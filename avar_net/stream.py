@@ -10,7 +10,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from fastcore.basics import patch
-from .core import AvarError, ConfigError, DataError, DecodeError
+from .core import ConfigError, DataError, DecodeError
 
 # %% auto #0
 __all__ = ['LIVE_SCHEMES', 'CLI_HELP', 'CLI_DESCRIPTION', 'source_kind', 'open_source', 'FrameSampler', 'StepFeatures',

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os, sys, json, math, time, shutil, random, logging, contextlib, dataclasses
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 from . import __version__
@@ -270,7 +270,7 @@ def _setup(device_pref: str) -> tuple[_Dist, torch.device]:
     dev = auto_device(device_pref)
     if world <= 1: return _Dist(), dev
     import torch.distributed as dist
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    _rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if dev.type == "cuda":
         dev = torch.device("cuda", local); torch.cuda.set_device(dev)
     created = False

@@ -8,7 +8,7 @@ import os, re, sys, json, time
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
-from .core import AvarError, ConfigError, DataError, atomic_write_json, sha256_bytes, git_commit
+from .core import ConfigError, DataError, atomic_write_json, sha256_bytes, git_commit
 
 # %% auto #0
 __all__ = ['XD_LISTS', 'RGB_DIM', 'AUDIO_DIM', 'CLI_HELP', 'CLI_DESCRIPTION', 'XDVideo', 'read_release_lists',

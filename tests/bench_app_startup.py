@@ -5,7 +5,7 @@ and the medians. Trains (once) a tiny run on SynthAVAR with the given backbones 
     python tests/bench_app_startup.py random-tiny 3 /tmp/app_bench   # tiny random backbones
     python tests/bench_app_startup.py random 3 /tmp/app_bench        # Wav2Vec2-base + MobileViT-S sizes, random weights
 """
-import os, sys, time, socket, subprocess, urllib.request, json, statistics
+import os, sys, time, socket, subprocess, urllib.request, statistics
 from pathlib import Path
 import torch; torch.set_num_threads(1)
 spec, reps, T = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
@@ -13,7 +13,7 @@ run = T / f"run_{spec}"
 if not (run / "MODEL_CARD.md").exists():
     from avar_net.synth import generate_synthavar
     from avar_net.features import FeatureConfig, extract_dataset
-    from avar_net.train import TrainConfig, train
+    from avar_net.train import train
     root = generate_synthavar(T / "data", "tiny", seed=0, classes=["Normal", "Explosion", "Police siren"], clips_per_class=3, duration_s=[1.0, 1.0])
     extract_dataset(root, T / f"feats_{spec}", FeatureConfig(audio_backbone=spec, video_backbone=spec), progress=False)
     train(T / f"feats_{spec}", run, dict(num_stages=2, num_layers=2, num_f_maps=8), dict(epochs=2, batch_size=4), progress=False)

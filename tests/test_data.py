@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from avar_net.core import VAAR_CLASSES, ConfigError, DataError, DecodeError
-from avar_net.data import (ClipRecord, DecodeReport, DecodeWarning, StreamResampler, TimeGrid, XD_CODES, count_frames,
+from avar_net.core import VAAR_CLASSES, ConfigError, DataError
+from avar_net.data import (DecodeWarning, StreamResampler, TimeGrid, XD_CODES, count_frames,
                            decode_audio, decode_video_frames, iter_video_frames, load_clip, make_test_media,
                            parse_xd_annotations, parse_xd_name, pool_to_grid, probe, read_test_index, read_vaar,
                            read_xd, read_xd_list, resize_crop, scan_vaar, split_records, write_splits, xd_frame_gt,

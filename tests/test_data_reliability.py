@@ -5,7 +5,6 @@ Contract under test: every input is either decoded correctly (losses reported as
 `Clip.warnings`) or refused with one `DecodeError` whose one-line message names the file and the reason."""
 from __future__ import annotations
 import math, time, warnings
-from pathlib import Path
 
 import numpy as np
 import pytest

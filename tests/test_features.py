@@ -1,7 +1,7 @@
 """Feature cache (avar_net.features): end-to-end extraction on SynthAVAR tiny with random-tiny backbones, resume and
 config-change semantics, checksums/NaN on load, a folder of broken files, decode time limit, sharding, the
 DataLoader (GPU) path on CPU, XD mode, and the dataset/collate pair."""
-import csv, json, os, shutil, time
+import csv, json, shutil, time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,7 @@ from avar_net.core import VAAR_CLASSES, ConfigError, DataError, sha256_file
 import avar_net.features as F
 from avar_net.video import MOBILEVIT_INT8_SCHEME
 from avar_net.features import (FeatureConfig, FeatureStore, FeatureDataset, build_extractors, collate_features,
-                               extract_clip, extract_dataset, clip_file, status_file, iter_status)
+                               extract_clip, extract_dataset, clip_file, status_file)
 
 TINY = dict(audio_backbone="random-tiny", video_backbone="random-tiny", precision="fp32")
 CLASSES = ["Explosion", "Normal", "Baby cry"]

@@ -1,6 +1,6 @@
 """SIGKILL an `extract_dataset` subprocess at any moment, run it again: nothing is lost, nothing is done twice, no
 partial or temporary file is read back, and the features equal those of an uninterrupted run."""
-import json, os, signal, subprocess, sys, textwrap, time
+import os, signal, subprocess, sys, textwrap, time
 from pathlib import Path
 
 import pytest

@@ -1,6 +1,5 @@
 "Tests for avar_net.infer: video -> features (same extractors as training) -> prediction + timeline, with and without audio."
 import json, shutil
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -7,7 +7,6 @@ far above chance (0.10 on ten classes) on the held-out test split: we require 0.
 import json, os, re, shlex, shutil, subprocess
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CHANCE = 0.10

@@ -2,7 +2,6 @@
 and every notebook must already be clean (what nbdev_clean would leave)."""
 import shutil, subprocess, filecmp
 from pathlib import Path
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 

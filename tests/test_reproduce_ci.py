@@ -1,8 +1,6 @@
 """The `ci` reproduction end to end: every notebook of avar_net.reproduce.NOTEBOOKS runs with papermill, every artifact
 named in the manifest exists with its checksum, every table says where its numbers come from, and rerunning a
 notebook from scratch (fresh runs folder: everything retrained) gives byte-identical non-timing tables."""
-import json
-from pathlib import Path
 import pytest
 from avar_net.reproduce import reproduce, check_manifest, NOTEBOOKS, REPORTED
 

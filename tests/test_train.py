@@ -2,7 +2,6 @@
 import json, os, pickle, shutil, subprocess, sys, textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -54,7 +53,7 @@ def test_deterministic_same_seed_same_numbers(feats, tmp_path):
     assert (tmp_path / "a" / "metrics.jsonl").read_text() == (tmp_path / "b" / "metrics.jsonl").read_text()
     assert same_tensors(tmp_path / "a/checkpoints/last/model.safetensors", tmp_path / "b/checkpoints/last/model.safetensors")
     assert {k: v for k, v in r1.items() if k not in ("run_dir", "seconds")} == {k: v for k, v in r2.items() if k not in ("run_dir", "seconds")}
-    r3 = train(feats, tmp_path / "c", SMALL, TrainConfig(epochs=3, batch_size=8, lr=1e-2, seed=6), progress=False)
+    train(feats, tmp_path / "c", SMALL, TrainConfig(epochs=3, batch_size=8, lr=1e-2, seed=6), progress=False)
     assert read_metrics(tmp_path / "c") != read_metrics(tmp_path / "a")
     json.dumps(r1)
 

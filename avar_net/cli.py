@@ -29,17 +29,17 @@ def _add_common(p):
 EXTENSIONS = {"pretrain": "avar_net.pretrain", "import-xd": "avar_net.xdfeatures", "app": "avar_net.app",
               "watch": "avar_net.stream", "docs": "avar_net.docs"}
 
-def _extensions() -> dict:
-    "The modules of `EXTENSIONS` that are present: each owns its subcommand's options and handler."
-    import importlib
-    found = {}
-    for name, modname in EXTENSIONS.items():
-        try: found[name] = importlib.import_module(modname)
-        except ModuleNotFoundError as ex:
-            if ex.name != modname: raise
-    return found
+def _cli_help(modname: str) -> str | None:
+    "`CLI_HELP` of an extension module read from its source, without importing it (None when the module is absent)."
+    import ast, importlib.util
+    spec = importlib.util.find_spec(modname)
+    if spec is None or not spec.origin: return None
+    for node in ast.parse(Path(spec.origin).read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "CLI_HELP" for t in node.targets):
+            return ast.literal_eval(node.value)
+    return None
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     "The `avar-net` argument parser with all subcommands."
     F = argparse.ArgumentDefaultsHelpFormatter
     p = _Parser(prog="avar-net", description="AVAR-Net: audio-visual anomaly recognition (Wav2Vec2 + MobileViT, early fusion, multi-stage TCN).")
@@ -124,9 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true"); b.add_argument("--quick", action="store_true", help="small CI version")
     b.add_argument("--repeats", type=int, default=5); b.add_argument("--device", default="cpu")
     for sp in (s, e, t, v, r, g, b): _add_common(sp)
-    for name, mod in _extensions().items():
-        x = sub.add_parser(name, help=mod.CLI_HELP, description=mod.CLI_DESCRIPTION, formatter_class=F)
-        mod.add_arguments(x); _add_common(x)
+    for name, modname in EXTENSIONS.items():     # only the chosen command's module is imported (heavy imports stay out of --help)
+        help_ = _cli_help(modname)
+        if help_ is None: continue
+        x = sub.add_parser(name, help=help_, formatter_class=F); _add_common(x)
+        if name == command:
+            import importlib
+            mod = importlib.import_module(modname)
+            x.description = mod.CLI_DESCRIPTION; mod.add_arguments(x)
     return p
 
 # %% ../nbs/11_cli.ipynb #cell-8
@@ -144,7 +149,8 @@ def _load_config(path) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     "Parse `argv`, applying `--config` defaults to the chosen subcommand (flags win)."
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     if getattr(args, "config", None):
         cfg = _load_config(args.config)
@@ -236,7 +242,8 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         if args.command in _COMMANDS: _COMMANDS[args.command](args); return 0
-        return int(_extensions()[args.command].run_cli(args) or 0)
+        import importlib
+        return int(importlib.import_module(EXTENSIONS[args.command]).run_cli(args) or 0)
     except SystemExit as ex:   # --help and argparse exits
         return int(ex.code or 0)
     except KeyboardInterrupt:

@@ -168,13 +168,13 @@ def save_figure(fig, name: str, caption: str = "", out_dir=None, **meta) -> Path
 
 def save_table(df, name: str, caption: str, source: str, out_dir=None, floatfmt: str = ".2f", **meta) -> Path:
     """Save a pandas DataFrame as `<name>.csv` and `<name>.md`. `source` says where the numbers come from,
-    e.g. 'measured here: profile demo, seeds 0-2, commit …' or 'reported by the papers cited'. Columns named `*_mean` and
-    `*_std` (the raw numbers behind a 'mean ± std' column) go to the CSV only."""
+    e.g. 'measured here: profile demo, seeds 0-2, commit …' or 'reported by the papers cited'. Columns named `*_mean`/`* mean`
+    and `*_std`/`* std` (the raw numbers behind a 'mean ± std' column) go to the CSV only."""
     if not source: raise ConfigError(f"table {name!r} needs a source line (measured here / reported by …)")
     out = Path(out_dir) if out_dir else project_path("figures")
     csv, md = out / f"{name}.csv", out / f"{name}.md"
     atomic_write_text(csv, df.to_csv(index=False, float_format="%.6g"))
-    shown = df.drop(columns=[k for k in df.columns if str(k).endswith(("_mean", "_std"))])   # raw numbers: CSV only
+    shown = df.drop(columns=[k for k in df.columns if str(k).endswith(("_mean", "_std", " mean", " std"))])   # raw numbers: CSV only
     atomic_write_text(md, f"**{caption}**\n\n" + shown.to_markdown(index=False, floatfmt=floatfmt) + f"\n\n*Source: {source}*\n")
     _record("table", [csv, md], name=name, caption=caption, source=source, **meta)
     return md

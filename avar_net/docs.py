@@ -12,9 +12,10 @@ class DocsError(AvarError):
     "The site cannot be built as asked (a notebook missing, a broken link, a request that would leave the machine)."
 
 # %% auto #0
-__all__ = ['PARTS', 'CLI_HELP', 'CLI_DESCRIPTION', 'DocsError', 'reading_order', 'part', 'skipped_by_nbdev_test', 'merge_outputs',
-           'page_cell', 'module_api', 'api_html', 'render_cells', 'page_html', 'check_links', 'copy_static', 'nav_html',
-           'build_page', 'build_site', 'module_notebooks', 'execute_notebooks', 'add_arguments', 'run_cli']
+__all__ = ['PARTS', 'SITE_MARKER', 'CLI_HELP', 'CLI_DESCRIPTION', 'DocsError', 'reading_order', 'part', 'skipped_by_nbdev_test',
+           'merge_outputs', 'page_cell', 'module_api', 'api_html', 'render_cells', 'page_html', 'check_links',
+           'copy_static', 'nav_html', 'build_page', 'build_site', 'module_notebooks', 'execute_notebooks',
+           'add_arguments', 'run_cli']
 
 # %% ../nbs/32_docs.ipynb #dcd9999e
 _NB = re.compile(r"^(\d\d)[a-z]?_[\w\-]+\.ipynb$")     # 18_x, then 18a_y: a letter inserts a notebook
@@ -265,6 +266,8 @@ def build_page(path, kept_dir, lib_dir, manifest: dict, site) -> dict:
     return dict(stem=stem, title=_title(src, stem), part=part(stem), body=body, outputs=executed is not None, missing=missing)
 
 # %% ../nbs/32_docs.ipynb #94163c7f
+SITE_MARKER = ".avar_site"   # written into every site build_site makes: only such a folder is ever replaced
+
 def build_site(out=None, root=None, log=print) -> dict:
     """Build the static site of every notebook of the reading order into `out` (default `_site/`), with the outputs
     of the executed copies in `figures/notebooks/`; the old site is replaced only by a complete, link-checked one."""
@@ -273,7 +276,10 @@ def build_site(out=None, root=None, log=print) -> dict:
     order = reading_order(root / "nbs")
     mf = root / "figures" / "MANIFEST.json"
     manifest = json.loads(mf.read_text()) if mf.exists() else {}
+    if out.exists() and any(out.iterdir()) and not (out / SITE_MARKER).is_file():
+        raise DocsError(f"{out}: the folder exists and is not a site avar-net docs built; choose another --out")
     tmp = out.with_name(out.name + ".partial"); shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
+    (tmp / SITE_MARKER).write_text("built by avar-net docs\n")
     copy_static(tmp / "_static")
     pages, broken = [], []
     for p in order:

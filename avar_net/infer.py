@@ -17,6 +17,12 @@ __all__ = ['Predictor', 'plot_timeline']
 # %% ../nbs/12_infer.ipynb #cell-6
 _CHECKED = ("audio_weights", "video_weights", "size")   # what must match between training features and inference
 
+def _same(a, b) -> bool:
+    "Equal settings; weight ids `<where>@sha256:<hash>` are equal when their hashes are (a copy elsewhere is the same weights)."
+    if isinstance(a, str) and isinstance(b, str) and "@sha256:" in a and "@sha256:" in b:
+        return a.rsplit("@sha256:", 1)[1] == b.rsplit("@sha256:", 1)[1]
+    return a == b
+
 class Predictor:
     "Load a run's best model and the extractors of its training features; `predict(video_path)` -> dict."
     def __init__(self, run_dir, device="auto", checkpoint: str = "best", extractors=None):
@@ -35,7 +41,7 @@ class Predictor:
         self.feature_cfg = FeatureConfig.from_dict(fc)
         self.extractors = extractors or build_extractors(self.feature_cfg)
         want, got = f.get("resolved") or {}, self.extractors.resolved
-        diff = [f"{k}: trained on {want.get(k)!r}, now {got.get(k)!r}" for k in _CHECKED if k in want and want.get(k) != got.get(k)]
+        diff = [f"{k}: trained on {want.get(k)!r}, now {got.get(k)!r}" for k in _CHECKED if k in want and not _same(want.get(k), got.get(k))]
         if diff: raise WeightsError(f"{self.run_dir}: the feature extractors differ from those of the training features ({'; '.join(diff)})")
         keys = ("audio_precision", "video_precision", "audio_int8_scheme", "video_int8_scheme")
         self.precision_note = None if all(want.get(k) == got.get(k) for k in keys) else \

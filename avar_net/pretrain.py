@@ -4,7 +4,7 @@
 
 # %% ../nbs/16_pretrain.ipynb #cell-3
 from __future__ import annotations
-import os, json, time, shutil, hashlib, importlib, importlib.util, inspect, tempfile
+import os, sys, json, time, shutil, hashlib, importlib, importlib.util, inspect, tempfile
 from dataclasses import dataclass, asdict, replace
 from pathlib import Path
 import numpy as np
@@ -121,9 +121,9 @@ PRETRAIN_SIZES = {"default": PretrainConfig(),
                                          audio_batch=8)}
 
 def pretrain_config(size="default", **kw) -> PretrainConfig:
-    if isinstance(size, PretrainConfig): return replace(size, **kw)
-    if size not in PRETRAIN_SIZES: raise ConfigError(f"unknown pretraining size {size!r}; expected one of {sorted(PRETRAIN_SIZES)}")
-    cfg = replace(PRETRAIN_SIZES[size], **kw)
+    if isinstance(size, PretrainConfig): cfg = replace(size, **kw)
+    elif size not in PRETRAIN_SIZES: raise ConfigError(f"unknown pretraining size {size!r}; expected one of {sorted(PRETRAIN_SIZES)}")
+    else: cfg = replace(PRETRAIN_SIZES[size], **kw)
     if cfg.audio_objective not in ("sources", "contrastive"): raise ConfigError(f"audio_objective must be 'sources' or 'contrastive', got {cfg.audio_objective!r}")
     return cfg
 
@@ -215,7 +215,11 @@ def _bar(total: int, desc: str, enabled: bool):
 def pretrain(out_dir, seed: int = 0, size="default", progress: bool = True, modalities=("video", "audio"), **overrides) -> dict:
     "Pretrain the backbones of `modalities` on corpus `seed` and write them to `out_dir` (atomically); returns the report."
     cfg, out = pretrain_config(size, **overrides), Path(out_dir)
-    if (out / "report.json").is_file(): return json.loads((out / "report.json").read_text())
+    if (out / "report.json").is_file():
+        rep = json.loads((out / "report.json").read_text())
+        if rep.get("key") != pretrain_key(cfg, seed) or sorted(k.split("_")[0] for k in rep if k.endswith("_losses")) != sorted(modalities):
+            raise ConfigError(f"{out}: holds a pretraining of other settings (key {rep.get('key')}); choose another folder")
+        return rep
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -238,6 +242,8 @@ def pretrain(out_dir, seed: int = 0, size="default", progress: bool = True, moda
             save_audio_backbone(ma, tmp / "wav2vec2"); rep["audio_s"] = round(time.perf_counter() - t1, 1)
         rep["total_s"] = round(time.perf_counter() - t0, 1)
         atomic_write_json(tmp / "report.json", rep)
+        umask = os.umask(0); os.umask(umask)
+        for p in [tmp, *tmp.rglob("*")]: os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)   # mkdtemp made it private
         try: tmp.rename(out)
         except OSError:
             if not (out / "report.json").is_file(): raise      # another process finished first: keep its copy
@@ -268,7 +274,7 @@ SYNTH_PRETRAINED = {"synth-pretrained": "default", "synth-pretrained-tiny": "tin
 def synth_pretrained_dir(name: str = "synth-pretrained", progress: bool = True) -> Path:
     "Folder of the backbones named `name` (`synth-pretrained[-tiny][:seed]`), pretrained on first use."
     base, _, s = str(name).partition(":")
-    if base not in SYNTH_PRETRAINED or (s and not s.isdigit()):
+    if base not in SYNTH_PRETRAINED or (s and not (s.isascii() and s.isdigit())):
         raise ConfigError(f"bad backbone name {name!r}; expected one of {sorted(SYNTH_PRETRAINED)}, optionally ':<seed>'")
     seed, cfg = int(s or 0), pretrain_config(SYNTH_PRETRAINED[base])
     out = cache_root() / "synth-pretrained" / f"{cfg.name}-seed{seed}-{pretrain_key(cfg, seed)}"
@@ -276,7 +282,7 @@ def synth_pretrained_dir(name: str = "synth-pretrained", progress: bool = True) 
     from avar_net.experiments import file_lock
     with file_lock(out.parent / f"{out.name}.lock"):
         if not (out / "report.json").is_file():
-            print(f"{name}: pretraining the backbones once into {out} (later uses read this copy)", flush=True)
+            print(f"{name}: pretraining the backbones once into {out} (later uses read this copy)", file=sys.stderr, flush=True)
             pretrain(out, seed=seed, size=cfg, progress=progress)
     return out
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_reproduce.ipynb #cell-3
 from __future__ import annotations
-import os, re, json, time, contextlib
+import os, re, json, time, tempfile, contextlib
 from pathlib import Path
 import nbformat
 import avar_net
@@ -97,6 +97,8 @@ def _ipc_kernel_manager():
     class IPCKernelManager(AsyncKernelManager):
         @default("transport")
         def _default_transport(self): return "ipc"
+        @default("ip")       # socket files in a private folder of their own, never the notebook's cwd
+        def _default_ip(self): return os.path.join(tempfile.mkdtemp(prefix="avar-kernel-"), "kernel")
     return IPCKernelManager
 
 def run_notebook(name: str, params: dict, out_dir: Path, nbs_dir: Path | None = None) -> Path:
@@ -113,6 +115,8 @@ def run_notebook(name: str, params: dict, out_dir: Path, nbs_dir: Path | None = 
                             kernel_name="python3", progress_bar=False, log_output=False, kernel_manager_class=_ipc_kernel_manager())
     except pm.PapermillExecutionError as ex:
         raise AvarError(f"notebook {name} failed in cell {ex.exec_count} ({ex.ename}: {ex.evalue}); executed copy: {out}") from None
+    except Exception as ex:   # a dead kernel, a timeout, a kernel that does not start
+        raise AvarError(f"notebook {name} failed ({type(ex).__name__}: {str(ex).splitlines()[0] if str(ex) else ''}); executed copy: {out}") from None
     return out
 
 # %% ../nbs/14_reproduce.ipynb #cell-x16

@@ -13,8 +13,8 @@ from .core import (AvarError, ConfigError, project_root, project_path, sha256_fi
 
 # %% auto #0
 __all__ = ['NOTEBOOKS', 'PROFILES', 'REPORTED', 'KEPT_DIR', 'profile_params', 'measured_source', 'source_commit', 'run_notebook',
-           'keep_executed', 'build_manifest', 'check_manifest', 'render_readme', 'readme_blocks', 'sync_readme',
-           'reproduce']
+           'keep_executed', 'build_manifest', 'check_manifest', 'render_readme', 'readme_block', 'readme_blocks',
+           'sync_readme', 'reproduce']
 
 # %% ../nbs/14_reproduce.ipynb #cell-6
 NOTEBOOKS = ["01_data", "02_synth", "16_pretrain", "20_fusion_ablation", "21_vaar", "22_xd", "23_robustness", "24_efficiency"]
@@ -177,6 +177,10 @@ def render_readme(index_nb) -> str:
             parts.append("```python\n" + c.source.strip() + "\n```")
     return "\n\n".join(parts) + "\n"
 
+def readme_block(md_text: str) -> str:
+    "A table's Markdown as the front page shows it: the commit left out of its source line (MANIFEST.json records it)."
+    return re.sub(r", commit [0-9a-f]{7,40}(-dirty)?", "", md_text.strip())
+
 def readme_blocks(text: str) -> dict[str, str]:
     return {m["name"]: m["body"] for m in _BLOCK.finditer(text)}
 
@@ -189,7 +193,7 @@ def sync_readme(figures_dir=None, root=None) -> list[str]:
         md = figures_dir / f"{m['name']}.md"
         if not md.exists(): return m.group(0)
         done.append(m["name"])
-        return m.group(1) + md.read_text().strip() + m.group(4)
+        return m.group(1) + readme_block(md.read_text()) + m.group(4)
     for c in nb.cells:
         if c.cell_type == "markdown": c.source = _BLOCK.sub(sub, c.source)
     nbformat.write(nb, str(index))

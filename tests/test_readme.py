@@ -1,7 +1,7 @@
 """README.md is generated from nbs/index.ipynb, its result blocks come from figures/, and .ci/run calls README's test command."""
 import re
 from pathlib import Path
-from avar_net.reproduce import render_readme, readme_blocks
+from avar_net.reproduce import render_readme, readme_blocks, readme_block
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -24,7 +24,7 @@ def test_result_blocks_match_figures():
     for name, body in blocks.items():
         md = ROOT / "figures" / f"{name}.md"
         assert md.exists(), f"README block {name!r} has no figures/{name}.md (run avar-net reproduce --profile demo)"
-        assert body.strip() == md.read_text().strip(), f"README block {name!r} differs from figures/{name}.md"
+        assert body.strip() == readme_block(md.read_text()), f"README block {name!r} differs from figures/{name}.md"
 
 def test_readme_figures_exist():
     for img in re.findall(r"\]\((figures/[^)]+\.png)\)", README):

@@ -11,11 +11,7 @@ from avar_net.infer import Predictor, plot_timeline
 SMALL = dict(num_stages=2, num_layers=3, num_f_maps=16, dropout=0.1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # the fixture is in conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,7 @@ from avar_net.stream import Watcher, finetune_on_steps, read_jsonl, synthxd_segm
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # the fixture is in conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,7 @@ from avar_net.testing import write_xd_release
 from avar_net.train import load_run
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # the fixture is in conftest.py
 
 
 def cli(*argv):

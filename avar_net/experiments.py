@@ -155,18 +155,24 @@ def _render_job(job: dict) -> None:
 def progress_bar(total: int, desc: str):
     """A tqdm bar on the process's own stderr when `AVAR_PROGRESS` is set (as `avar-net reproduce` sets it): inside a
     notebook kernel that is the terminal of the command, not the notebook's output; otherwise a disabled bar."""
-    from tqdm.auto import tqdm as _tqdm
     from tqdm import tqdm
     on = bool(os.environ.get("AVAR_PROGRESS"))
-    return (tqdm if on else _tqdm)(total=total, desc=desc, file=sys.__stderr__ if on else None, disable=not on,
-                                   mininterval=5.0, dynamic_ncols=True, leave=False)
+    return tqdm(total=total, desc=desc, file=sys.__stderr__ if on else None, disable=not on, mininterval=5.0,
+                dynamic_ncols=True, leave=False)
 
 def _map(fn, jobs: list, workers: int, desc: str = "jobs") -> list:
-    with progress_bar(len(jobs), desc) as bar:
-        if workers <= 1 or len(jobs) < 2:
-            out = []
-            for j in jobs: out.append(fn(j)); bar.update()
-            return out
+    "`[fn(j) for j in jobs]`, in `workers` spawned processes when more than one; the first failure cancels the jobs not started."
+    import concurrent.futures as cf, multiprocessing as mp
+    with progress_bar(len(jobs), desc) as bar, contextlib.ExitStack() as stack:
+        ex = stack.enter_context(cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))) \
+            if workers > 1 and len(jobs) > 1 else None
+        out = []
+        try:
+            for r in (ex.map(fn, jobs) if ex else map(fn, jobs)): out.append(r); bar.update()
+        except BaseException:
+            if ex: ex.shutdown(wait=False, cancel_futures=True)
+            raise
+        return out
         import concurrent.futures as cf, multiprocessing as mp
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
             out = []

@@ -9,29 +9,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 import numpy as np
-from .core import ConfigError, WeightsError, DataError, sha256_file, hf_offline, auto_device
+from .core import ConfigError, WeightsError, DataError, sha256_file, hf_offline, auto_device, cpu_flags
 hf_offline()  # before huggingface_hub / transformers are imported anywhere below
 import torch
 from torch import nn
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'W2V_DEFAULT', 'W2V_FILES', 'INT8_MIN_COSINE', 'INT8_WEIGHT_MAX', 'INT8_SCHEME', 'INT8_POSTS',
-           'cpu_flags', 'cpu_supports_bf16', 'int8_supported', 'resolve_precision', 'WeightSpec', 'parse_weight_spec',
-           'hub_offline', 'fetch_hub_files', 'pick_weight_file', 'load_state_file', 'random_init',
-           'tiny_wav2vec2_config', 'load_wav2vec2', 'conv_geometry', 'conv_out_len', 'chunk_bounds', 'stitch_keep',
-           'Float32Island', 'bake_weight_norm', 'cast_matmul_weights', 'Int8Linear', 'calibrate_int8',
-           'linears_to_int8', 'feature_agreement', 'int8_probe_wave', 'int8_check', 'FFTConv1d', 'FirstConvGemm',
-           'Int8WindowConv', 'Wav2Vec2Int8Encoder', 'quantize_wav2vec2', 'AudioExtractor']
+           'cpu_supports_bf16', 'int8_supported', 'resolve_precision', 'WeightSpec', 'parse_weight_spec', 'hub_offline',
+           'fetch_hub_files', 'pick_weight_file', 'load_state_file', 'random_init', 'tiny_wav2vec2_config',
+           'load_wav2vec2', 'conv_geometry', 'conv_out_len', 'chunk_bounds', 'stitch_keep', 'Float32Island',
+           'bake_weight_norm', 'cast_matmul_weights', 'Int8Linear', 'calibrate_int8', 'linears_to_int8',
+           'feature_agreement', 'int8_probe_wave', 'int8_check', 'FFTConv1d', 'FirstConvGemm', 'Int8WindowConv',
+           'Wav2Vec2Int8Encoder', 'quantize_wav2vec2', 'AudioExtractor']
 
 # %% ../nbs/03_audio.ipynb #cell-6
-def cpu_flags() -> set[str]:
-    "The CPU feature flags from `/proc/cpuinfo` (empty set where that file does not exist)."
-    try: text = Path("/proc/cpuinfo").read_text()
-    except OSError: return set()
-    for line in text.splitlines():
-        if line.startswith("flags"): return set(line.split(":", 1)[1].split())
-    return set()
-
 def cpu_supports_bf16() -> bool:
     "True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX-BF16), so bf16 autocast pays off."
     flags = cpu_flags()

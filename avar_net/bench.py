@@ -8,12 +8,13 @@ import os, sys, json, time, math, platform, statistics, subprocess, tempfile, co
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 import numpy as np
-from .core import ConfigError, AvarError, project_path
+from .core import ConfigError, AvarError, project_path, cpu_flags
+from .metrics import count_flops
 
 # %% auto #0
 __all__ = ['TARGETS', 'median', 'ratio', 'interleave', 'cosine', 'machine_info', 'roofline_sizes', 'matmul_fns',
            'matmul_roofline', 'bench_cache_dir', 'make_bench_video', 'make_long_video', 'decode_all', 'bench_decode',
-           'peak_rss_subprocess', 'extraction_peak_rss', 'count_flops', 'copy_weights', 'bench_frames', 'bench_wave',
+           'peak_rss_subprocess', 'extraction_peak_rss', 'copy_weights', 'bench_frames', 'bench_wave',
            'bench_mobilevit', 'bench_wav2vec2', 'bench_pipeline', 'bench_train', 'check_targets', 'bench_sizes',
            'bench_clips', 'run_bench', 'format_bench', 'efficiency_table', 'roofline_figure']
 
@@ -66,12 +67,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 def _cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("flags"):
-                return sorted(f for f in line.split(":", 1)[1].split() if "bf16" in f or f.startswith("amx"))
-    except OSError: pass
-    return []
+    return sorted(f for f in cpu_flags() if "bf16" in f or f.startswith("amx"))
 
 def _versions() -> dict:
     out = {}
@@ -311,19 +307,6 @@ def extraction_peak_rss(path, cfg: Mapping | None = None, timeout_s: float = 4 *
     return {"peak_rss_mb": r["peak_rss_mb"], "wall_s": r["wall_s"], **child}
 
 # %% ../nbs/13_bench.ipynb #cell-30
-def _sdpa_mapping() -> dict:
-    import torch
-    from torch.utils.flop_counter import sdpa_flop_count
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    return {op: (lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v))} if op is not None else {}
-
-def count_flops(fn: Callable[[], Any]) -> int:
-    "FLOPs of one call of `fn` (FlopCounterMode under `no_grad`, not `inference_mode`; CPU attention included)."
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_sdpa_mapping()) as fc: fn()
-    return int(fc.get_total_flops())
-
 def _module_of(extractor):
     "The backbone `nn.Module` inside an extractor."
     from torch import nn

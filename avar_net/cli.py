@@ -6,7 +6,7 @@
 from __future__ import annotations
 import argparse, json, os, sys
 from pathlib import Path
-from .core import AvarError, ConfigError
+from .core import AvarError, ConfigError, parse_shard
 
 # %% auto #0
 __all__ = ['EXTENSIONS', 'build_parser', 'parse_args', 'main']
@@ -17,11 +17,8 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{self.prog}: {message} (see --help)")
 
 def _shard(s: str) -> tuple[int, int]:
-    try:
-        i, n = (int(x) for x in s.split("/"))
-        if not 0 <= i < n: raise ValueError
-        return i, n
-    except ValueError: raise argparse.ArgumentTypeError(f"--shard expects i/n with 0 <= i < n, got {s!r}")
+    try: return parse_shard(s)
+    except ConfigError: raise argparse.ArgumentTypeError(f"--shard expects i/n with 0 <= i < n, got {s!r}")
 
 def _add_common(p):
     p.add_argument("--config", metavar="FILE", help="YAML or JSON file of option defaults (keys = long option names)")

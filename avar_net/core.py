@@ -13,7 +13,7 @@ import numpy as np
 __all__ = ['VAAR_CLASSES', 'STYLE', 'AvarError', 'ConfigError', 'WeightsError', 'DataError', 'DecodeError', 'in_test',
            'project_root', 'project_path', 'atomic_write', 'atomic_write_bytes', 'atomic_write_text',
            'atomic_write_json', 'sha256_file', 'sha256_bytes', 'seed_everything', 'auto_device', 'hf_offline',
-           'git_commit', 'set_style', 'save_figure', 'save_table']
+           'git_commit', 'cpu_flags', 'parse_shard', 'set_style', 'save_figure', 'save_table']
 
 # %% ../nbs/00_core.ipynb #cell-6
 VAAR_CLASSES: list[str] = ["Abuse", "Baby cry", "Crash", "Brawling", "Explosion",
@@ -139,6 +139,22 @@ def git_commit(root=None) -> str:
         d = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10)
         return c.stdout.strip() + ("-dirty" if d.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError): return "unknown"
+
+# %% ../nbs/00_core.ipynb #e6c2ccf9
+def cpu_flags() -> set[str]:
+    "The CPU feature flags from `/proc/cpuinfo` (empty set where that file does not exist)."
+    try: text = Path("/proc/cpuinfo").read_text()
+    except OSError: return set()
+    for line in text.splitlines():
+        if line.startswith("flags"): return set(line.split(":", 1)[1].split())
+    return set()
+
+def parse_shard(shard) -> tuple[int, int]:
+    "`(i, n)` from a tuple or an 'i/n' string, with 0 <= i < n."
+    try: i, n = (int(x) for x in (shard.split("/") if isinstance(shard, str) else shard))
+    except (TypeError, ValueError): raise ConfigError(f"shard must be i/n, got {shard!r}")
+    if not (n >= 1 and 0 <= i < n): raise ConfigError(f"shard must satisfy 0 <= i < n, got {i}/{n}")
+    return i, n
 
 # %% ../nbs/00_core.ipynb #cell-25
 STYLE = {"figure.dpi": 100, "savefig.dpi": 110, "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9,

@@ -7,21 +7,21 @@ from __future__ import annotations
 import csv, io, math, os, re, time, random, warnings
 from dataclasses import dataclass, field
 from fractions import Fraction
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
 import av
-from .core import (VAAR_CLASSES, ConfigError, DataError, DecodeError, atomic_write_text)
+from .core import (VAAR_CLASSES, ConfigError, DataError, DecodeError, atomic_write_text, sha256_bytes)
 
 # %% auto #0
 __all__ = ['MAX_DURATION_S', 'MAX_PIXELS', 'MAX_CLIP_BYTES', 'MIN_BYTES_PER_S', 'MAX_RESAMPLE_KERNEL', 'MEDIA_EXTS', 'SPLITS',
            'XD_CODES', 'read_test_index', 'make_test_media', 'DecodeWarning', 'DecodeReport', 'MediaInfo', 'probe',
            'count_frames', 'resize_crop', 'iter_video_frames', 'decode_video_frames', 'StreamResampler', 'decode_audio',
-           'TimeGrid', 'pool_to_grid', 'Clip', 'load_clip', 'ClipRecord', 'read_vaar', 'write_splits', 'scan_vaar',
-           'split_records', 'xd_stem', 'parse_xd_name', 'xd_is_violent', 'read_xd_list', 'parse_xd_annotations',
-           'xd_frame_gt', 'read_xd']
+           'TimeGrid', 'pool_to_grid', 'Clip', 'load_clip', 'ClipRecord', 'clip_id_for', 'assign_clip_ids', 'read_vaar',
+           'write_splits', 'scan_vaar', 'split_records', 'xd_stem', 'parse_xd_name', 'xd_is_violent', 'read_xd_list',
+           'parse_xd_annotations', 'xd_frame_gt', 'read_xd']
 
 # %% ../nbs/01_data.ipynb #cell-6
 _LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "quad", 6: "5.1", 8: "7.1", 12: "7.1.4", 16: "hexadecagonal"}
@@ -799,9 +799,31 @@ class ClipRecord:
     label_name: str
     split: str
 
-def _clip_id(rel: str) -> str:
-    p = Path(rel)
-    return "__".join(p.with_suffix("").parts)
+_UNSAFE = re.compile(r"[^A-Za-z0-9._#+=@,-]+")
+_MAX_ID = 150
+
+def clip_id_for(rel: str) -> str:
+    "Filesystem-safe id of a clip from its path relative to the data root (no uniqueness guarantee; see `assign_clip_ids`)."
+    p = PurePosixPath(str(rel).replace("\\", "/"))
+    parts = [x for x in p.with_suffix("").parts if x not in ("", ".", "/")]
+    return _safe_id("__".join(parts))
+
+def _safe_id(s: str) -> str:
+    s = _UNSAFE.sub("_", str(s)) or "_"
+    return "_" + s[1:] if s.startswith(".") else s
+
+def assign_clip_ids(rels: Sequence[str], names: Sequence[str] | None = None) -> dict[str, str]:
+    """Unique ids for relative paths: `clip_id_for(rel)` (or the safe form of `names[i]`, a reader's own id), plus a hash
+    suffix where ids collide or are too long."""
+    base = {r: (clip_id_for(r) if names is None else _safe_id(nm)) for r, nm in zip(rels, names if names is not None else rels)}
+    count: dict[str, int] = {}
+    for b in base.values(): count[b] = count.get(b, 0) + 1
+    out = {}
+    for r, b in base.items():
+        if count[b] > 1 or len(b) > _MAX_ID: b = f"{b[:_MAX_ID - 9]}-{sha256_bytes(str(r).encode())[:8]}"
+        out[r] = b
+    if len(set(out.values())) != len(out): raise DataError("could not assign unique clip ids (hash collision)")
+    return out
 
 def _resolve_label(value: str, where: str) -> int:
     v = str(value).strip()
@@ -848,7 +870,7 @@ def read_vaar(root, missing: str = "error") -> list[ClipRecord]:
             folder = {c.lower(): i for i, c in enumerate(VAAR_CLASSES)}.get(parts[0].lower())
             if folder is not None and folder != label:
                 raise DataError(f"{where}: clip {rel!r} is in folder {parts[0]!r} but labelled {VAAR_CLASSES[label]!r}")
-        cid = _clip_id(rel)
+        cid = clip_id_for(rel)
         if cid in seen: raise DataError(f"{where}: duplicate clip {rel!r} (also line {seen[cid]})")
         seen[cid] = n
         recs.append(ClipRecord(cid, p, label, VAAR_CLASSES[label], split))
@@ -881,7 +903,7 @@ def scan_vaar(root, exts: Sequence[str] = MEDIA_EXTS) -> list[ClipRecord]:
         for p in sorted(d.rglob("*")):
             if p.is_file() and p.suffix.lower() in exts:
                 rel = p.relative_to(root).as_posix()
-                recs.append(ClipRecord(_clip_id(rel), p, label, VAAR_CLASSES[label], ""))
+                recs.append(ClipRecord(clip_id_for(rel), p, label, VAAR_CLASSES[label], ""))
     return recs
 
 def split_records(records: Sequence[ClipRecord], fractions=(0.7, 0.15, 0.15), seed: int = 0) -> list[ClipRecord]:

@@ -7,24 +7,24 @@ from __future__ import annotations
 import os, re, sys, json, time, queue, struct, fcntl, threading, contextlib, statistics
 from collections import deque
 from dataclasses import dataclass, asdict, fields
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from safetensors.torch import save as _st_save, load as _st_load
 from . import __version__
 from .core import (AvarError, ConfigError, DataError, DecodeError, atomic_write_bytes, atomic_write_json,
-                           sha256_bytes, sha256_file, auto_device, git_commit)
+                           sha256_bytes, sha256_file, auto_device, git_commit, parse_shard)
 from .data import (TimeGrid, DecodeReport, pool_to_grid, probe, count_frames, iter_video_frames, decode_audio,
-                           read_vaar, read_xd)
+                           read_vaar, read_xd, assign_clip_ids)
 
 # %% auto #0
 __all__ = ['FEATURE_FORMAT', 'XD_FPS', 'XD_FRAMES_PER_STEP', 'GOVERN_THREADS', 'FeatureConfig', 'Extractors', 'build_extractors',
-           'clip_id_for', 'assign_clip_ids', 'ClipItem', 'detect_layout', 'list_clips', 'parse_shard', 'shard_items',
-           'clip_file', 'status_file', 'check_finite', 'write_feature_file', 'read_feature_file', 'read_status',
-           'iter_status', 'is_done', 'ThreadGovernor', 'extract_clip', 'iter_extract', 'build_manifest',
-           'write_manifest', 'run_info_for', 'extract_dataset', 'extract_cli', 'launch_shard', 'write_shard_record',
-           'shards_done', 'FeatureStore', 'FeatureDataset', 'collate_features', 'pipeline_overhead']
+           'ClipItem', 'detect_layout', 'list_clips', 'shard_items', 'clip_file', 'status_file', 'check_finite',
+           'write_feature_file', 'read_feature_file', 'read_status', 'iter_status', 'is_done', 'ThreadGovernor',
+           'extract_clip', 'iter_extract', 'build_manifest', 'write_manifest', 'run_info_for', 'extract_dataset',
+           'extract_cli', 'launch_shard', 'write_shard_record', 'shards_done', 'FeatureStore', 'FeatureDataset',
+           'collate_features', 'pipeline_overhead']
 
 # %% ../nbs/05_features.ipynb #cell-6
 FEATURE_FORMAT = "avar_net.features/1"
@@ -154,32 +154,6 @@ def build_extractors(cfg: FeatureConfig) -> Extractors:
     return Extractors(audio=a, video=v, size=int(cfg.size or getattr(v, "decode_size", None) or v.input_size))
 
 # %% ../nbs/05_features.ipynb #cell-12
-_UNSAFE = re.compile(r"[^A-Za-z0-9._#+=@,-]+")
-_MAX_ID = 150
-
-def clip_id_for(rel: str) -> str:
-    "Filesystem-safe id of a clip from its path relative to the data root (no uniqueness guarantee; see `assign_clip_ids`)."
-    p = PurePosixPath(str(rel).replace("\\", "/"))
-    parts = [x for x in p.with_suffix("").parts if x not in ("", ".", "/")]
-    return _safe_id("__".join(parts))
-
-def _safe_id(s: str) -> str:
-    s = _UNSAFE.sub("_", str(s)) or "_"
-    return "_" + s[1:] if s.startswith(".") else s
-
-def assign_clip_ids(rels: Sequence[str], names: Sequence[str] | None = None) -> dict[str, str]:
-    """Unique ids for relative paths: `clip_id_for(rel)` (or the safe form of `names[i]`, a reader's own id), plus a hash
-    suffix where ids collide or are too long."""
-    base = {r: (clip_id_for(r) if names is None else _safe_id(nm)) for r, nm in zip(rels, names if names is not None else rels)}
-    count: dict[str, int] = {}
-    for b in base.values(): count[b] = count.get(b, 0) + 1
-    out = {}
-    for r, b in base.items():
-        if count[b] > 1 or len(b) > _MAX_ID: b = f"{b[:_MAX_ID - 9]}-{sha256_bytes(str(r).encode())[:8]}"
-        out[r] = b
-    if len(set(out.values())) != len(out): raise DataError("could not assign unique clip ids (hash collision)")
-    return out
-
 @dataclass
 class ClipItem:
     "One clip to extract: id, paths, labels, split and its position in the dataset's listing."
@@ -221,14 +195,6 @@ def _relpath(p, root) -> str:
     if not p.is_absolute(): p = root / p
     try: return p.resolve().relative_to(root.resolve()).as_posix()
     except ValueError: return Path(os.path.relpath(p, root)).as_posix()
-
-def parse_shard(shard) -> tuple[int, int]:
-    "`(i, n)` from a tuple or an 'i/n' string, with 0 <= i < n."
-    try:
-        i, n = (int(x) for x in (shard.split("/") if isinstance(shard, str) else shard))
-    except (TypeError, ValueError): raise ConfigError(f"shard must be i/n, got {shard!r}")
-    if not (n >= 1 and 0 <= i < n): raise ConfigError(f"shard must satisfy 0 <= i < n, got {i}/{n}")
-    return i, n
 
 def shard_items(items: Sequence[ClipItem], shard=(0, 1)) -> list[ClipItem]:
     "Clip k of the id-sorted list goes to shard k % n; returns shard i's clips (sorted by id)."

@@ -84,15 +84,24 @@ def count_parameters(model, trainable_only: bool = False) -> int:
     "Number of (trainable) parameters."
     return int(sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only))
 
-def count_flops(model, inputs) -> int:
-    "FLOPs of one forward pass (torch.utils.flop_counter; a multiply-add = 2 FLOPs)."
+def _sdpa_mapping() -> dict:
+    "CPU attention's flash kernel, which FlopCounterMode does not count by itself."
+    import torch
+    from torch.utils.flop_counter import sdpa_flop_count
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return {op: (lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v))} if op is not None else {}
+
+def count_flops(fn, *args, **kwargs) -> int:
+    """FLOPs of one call `fn(*args, **kwargs)` (torch.utils.flop_counter; a multiply-add = 2 FLOPs; CPU attention
+    included). A module runs in eval mode. Under `no_grad`, not `inference_mode`: weight-norm parametrisations fail there."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
-    args, kwargs = (inputs, {}) if isinstance(inputs, (tuple, list)) else ((), dict(inputs))
-    was = model.training; model.eval()
+    was = fn.training if isinstance(fn, torch.nn.Module) else None
+    if was is not None: fn.eval()
     try:
-        with torch.inference_mode(), FlopCounterMode(display=False) as fc: model(*args, **kwargs)
-    finally: model.train(was)
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_sdpa_mapping()) as fc: fn(*args, **kwargs)
+    finally:
+        if was is not None: fn.train(was)
     return int(fc.get_total_flops())
 
 def measure_latency(model, inputs, repeats: int = 20, warmup: int = 3) -> dict:
@@ -118,5 +127,6 @@ def measure_latency(model, inputs, repeats: int = 20, warmup: int = 3) -> dict:
 def efficiency(model, inputs, repeats: int = 20, warmup: int = 3) -> dict:
     "Parameters, FLOPs of one forward pass and median latency (ms) of `model` on `inputs`."
     dev = next(iter(model.parameters()), None)
-    return {"params": count_parameters(model), "flops": count_flops(model, inputs),
+    args, kwargs = (inputs, {}) if isinstance(inputs, (tuple, list)) else ((), dict(inputs))
+    return {"params": count_parameters(model), "flops": count_flops(model, *args, **kwargs),
             **measure_latency(model, inputs, repeats, warmup), "device": str(dev.device) if dev is not None else "cpu"}

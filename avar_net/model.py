@@ -276,22 +276,14 @@ def num_parameters(self: AVARNet, trainable_only: bool = False) -> int:
     "Number of parameters (only those with `requires_grad` when `trainable_only`)."
     return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
-def _sdpa_cpu_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_flop_count
-    return sdpa_flop_count(q_shape, k_shape, v_shape)
-
 @patch
 def flops(self: AVARNet, T: int = 240, batch: int = 1) -> int:
     "FLOPs of one forward pass over `batch` clips of `T` steps (FlopCounterMode: matmuls, convolutions, attention)."
-    from torch.utils.flop_counter import FlopCounterMode
+    from avar_net.metrics import count_flops
     p = next(self.parameters())
     a = torch.zeros(batch, T, self.cfg.audio_dim, device=p.device, dtype=p.dtype)
     v = torch.zeros(batch, T, self.cfg.video_dim, device=p.device, dtype=p.dtype)
-    extra = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops} \
-        if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu") else {}
-    was, fast = self.training, torch.backends.mha.get_fastpath_enabled()
-    self.eval(); torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=extra) as fc: self(a, v)
-    finally: self.train(was); torch.backends.mha.set_fastpath_enabled(fast)
-    return int(fc.get_total_flops())
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)     # the fused attention kernel hides its matmuls from the counter
+    try: return count_flops(self, a, v)
+    finally: torch.backends.mha.set_fastpath_enabled(fast)

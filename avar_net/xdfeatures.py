@@ -148,7 +148,8 @@ def _import_crop(it, v: XDVideo, k: int, rpath: Path, apath: Path, audio: np.nda
 def import_xd(list_dir, feature_root, out_dir, rgb_dim: int = RGB_DIM, audio_dim: int = AUDIO_DIM,
               verify_existing: bool = True, report: bool = True) -> dict:
     "Import the official release (lists in `list_dir`, `.npy` under `feature_root`) into the feature cache `out_dir`."
-    from avar_net.features import ClipItem, assign_clip_ids, status_file, read_status, is_done, write_manifest, _status_record, _error_reason, _cleanup_tmp
+    from avar_net.data import assign_clip_ids
+    from avar_net.features import ClipItem, status_file, read_status, is_done, write_manifest, _status_record, _error_reason, _cleanup_tmp
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     videos = read_release_lists(list_dir)

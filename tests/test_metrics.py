@@ -121,9 +121,9 @@ def test_efficiency_linear_and_conv():
     lin = torch.nn.Linear(16, 8)
     x = torch.randn(4, 16)
     assert count_parameters(lin) == 16 * 8 + 8
-    assert count_flops(lin, (x,)) == 2 * 4 * 16 * 8
+    assert count_flops(lin, x) == 2 * 4 * 16 * 8
     conv = torch.nn.Conv1d(4, 6, kernel_size=3, padding=1)
-    assert count_flops(conv, (torch.randn(2, 4, 10),)) == 2 * 2 * 6 * 10 * 4 * 3
+    assert count_flops(conv, torch.randn(2, 4, 10)) == 2 * 2 * 6 * 10 * 4 * 3
     lat = measure_latency(lin, (x,), repeats=7, warmup=2)
     assert lat["repeats"] == 7 and lat["latency_ms"] > 0
     e = efficiency(lin, {"input": x}, repeats=3, warmup=1)

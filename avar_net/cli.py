@@ -189,7 +189,7 @@ def _cmd_train(a):
 def _cmd_evaluate(a):
     for p in (a.run_dir, a.features):
         if not Path(p).is_dir(): raise ConfigError(f"{p}: folder not found")
-    from avar_net.train import evaluate
+    from avar_net.evaluation import evaluate
     m = evaluate(a.run_dir, a.features, split=a.split, gt=a.gt)
     if a.split == "test":      # the run's model card shows the test metrics once measured (avar_net.modelcard)
         from avar_net.modelcard import write_model_card

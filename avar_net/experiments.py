@@ -325,7 +325,8 @@ def train_eval(features, params: Mapping, seed: int, model_overrides: Mapping | 
     spec = {"features": str(Path(features).resolve()), "features_digest": _features_digest(store), "model": model_cfg,
             "train": tcfg.to_dict(), "splits": list(splits), "code": code_fingerprint()}
     def build(rd: Path):
-        from avar_net.train import train, evaluate
+        from avar_net.train import train
+        from avar_net.evaluation import evaluate
         with torch_threads(1 if tcfg.device == "cpu" else None):
             res = train(features, rd, model_cfg, tcfg, progress=False, log=lambda m: None)
             ev = {s: evaluate(rd, features, s, device=tcfg.device) for s in splits}
@@ -380,7 +381,7 @@ def train_variants(features, params: Mapping, variants: Mapping[str, Mapping], t
 
 def evaluate_on(run: Mapping, features, split: str = "test") -> dict:
     "Metrics of a run's best checkpoint on `split` of another feature cache (same extraction configuration)."
-    from avar_net.train import evaluate
+    from avar_net.evaluation import evaluate
     dev = run["train"].get("device", "cpu")
     with torch_threads(1 if dev == "cpu" and _workers() > 1 else None):
         return evaluate(run["run_dir"], features, split, device=dev)
@@ -399,7 +400,8 @@ def run_outputs(run_dir, features, split: str | None = "test", device: str = "cp
     mean-pooled over valid steps."""
     import torch
     from avar_net.features import FeatureStore, FeatureDataset
-    from avar_net.train import load_run, run_split
+    from avar_net.train import run_split
+    from avar_net.evaluation import load_run
     model, cfg = load_run(run_dir, "best", device=device)
     store = FeatureStore(features)
     data = FeatureDataset(store, None)
@@ -422,7 +424,7 @@ def run_outputs(run_dir, features, split: str | None = "test", device: str = "cp
 def xd_test_scores(run_dir, features, device: str = "cpu") -> dict:
     "Per-video snippet scores of the XD test videos (test-list order), their names and n_frames, and the official frame-level gt."
     from avar_net.features import FeatureStore
-    from avar_net.train import xd_test_ground_truth
+    from avar_net.evaluation import xd_test_ground_truth
     res = run_outputs(run_dir, features, "test", device)
     store = FeatureStore(features)
     by_id = {r["clip_id"]: r for r in store.records("test")}

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from .core import ConfigError, DataError, DecodeError, WeightsError, auto_device, set_style, save_figure
 from .features import FeatureConfig, build_extractors, extract_clip
-from .train import load_run
+from .evaluation import load_run
 
 # %% auto #0
 __all__ = ['Predictor', 'plot_timeline']

@@ -190,7 +190,7 @@ def write_model_card(run_dir, test_metrics: Mapping | None = None) -> Path:
 
 def export_pretrained(run_dir, out_dir, which: str = "best") -> Path:
     "`save_pretrained`-style export of a run: config.json + model.safetensors + the model card (MODEL_CARD.md and README.md)."
-    from avar_net.train import load_run
+    from avar_net.evaluation import load_run
     run, out = Path(run_dir), Path(out_dir)
     model, _ = load_run(run, which)
     model.save_pretrained(out)

@@ -667,7 +667,8 @@ def finetune_on_steps(run_dir, features_dir, segments: dict, epochs: int = 40, l
     when half of its 16 frames lie in `segments`) on the training clips, and save it as the run's best checkpoint.
     `crop`: every clip is cut at a random step first, so the model also learns to score the last step it sees."""
     from avar_net.features import FeatureStore
-    from avar_net.train import load_run, save_checkpoint
+    from avar_net.evaluation import load_run
+    from avar_net.runtime import save_checkpoint
     model, cfg = load_run(run_dir, "best")
     if cfg["task"] != "xd": raise ConfigError(f"{run_dir}: step labels are for XD runs (task 'xd'), got {cfg['task']!r}")
     store, data = FeatureStore(features_dir), []

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['write_xd_release']
+__all__ = ['write_xd_release', 'write_synthetic_features']
 
 # %% ../nbs/18a_testing.ipynb #3391408a
 def write_xd_release(root, n_train: int = 12, n_test: int = 6, rgb_dim: int = 16, audio_dim: int = 8, T=(12, 24),
@@ -62,3 +62,73 @@ def write_xd_release(root, n_train: int = 12, n_test: int = 6, rgb_dim: int = 16
         p = feat / "vggish" / "train" / f"{nan}__vggish.npy"; a = np.load(p); a[1, 0] = np.nan; np.save(p, a)
         truth["damage"] = {"missing": f"{missing}__3.npy", "truncated": f"{trunc}__1.npy", "nan": f"{nan}__vggish.npy"}
     return {"list_dir": lst, "feature_root": feat, **truth}
+
+# %% ../nbs/18a_testing.ipynb #5b8fa6e1
+from . import __version__
+from .core import VAAR_CLASSES, atomic_write_json, atomic_write_text
+
+# %% ../nbs/18a_testing.ipynb #abef7db1
+def _synthetic_rows(rng, C: int, n_per_class: int, splits, split_names, T, mu_a, mu_v, noise: float, xd: bool) -> list:
+    "(split, class, index, T, step labels, audio, video) of every clip, in dataset order (XD: violent test first)."
+    rows = []
+    for c in range(C):
+        n_split = [int(round(f * n_per_class)) for f in splits]
+        n_split[0] = n_per_class - sum(n_split[1:])
+        if xd: n_split = [n_split[0] + n_split[1], n_split[2]]
+        for split, n in zip(split_names, n_split):
+            for j in range(n):
+                t = int(rng.integers(T[0], T[1] + 1))
+                lab = np.zeros(t, int)
+                if xd and c == 1:
+                    s = int(rng.integers(0, t - 1)); lab[s:s + max(1, t // 3)] = 1
+                elif not xd: lab[:] = c
+                a = mu_a[lab] + noise * rng.normal(size=(t, mu_a.shape[1]))
+                v = mu_v[lab] + noise * rng.normal(size=(t, mu_v.shape[1]))
+                rows.append((split, c, j, t, lab, a, v))
+    # dataset order: train, val, test; XD's official test list puts the violent videos first
+    rows.sort(key=lambda r: (split_names.index(r[0]), -r[1] if xd and r[0] == "test" else r[1], r[2]))
+    return rows
+
+# %% ../nbs/18a_testing.ipynb #beeac88a
+def write_synthetic_features(out_dir, n_per_class: int = 8, num_classes: int = 10, audio_dim: int = 8,
+                             video_dim: int = 12, T: tuple[int, int] = (6, 20), seed: int = 0, splits=(0.6, 0.2, 0.2),
+                             noise: float = 1.0, xd: bool = False) -> Path:
+    """A feature cache with learnable synthetic features in `avar_net.features`' layout (for tests and demos; no video).
+    Clip task: class c has mean `μ_c` (audio and video). `xd=True`: binary labels, names and `n_frames` in the XD
+    grammar and a data root with `test.list` + `annotations.txt` marking the steps whose features carry the anomaly."""
+    from avar_net.features import FeatureConfig, write_feature_file, write_manifest, FEATURE_FORMAT
+    out = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    C = 2 if xd else num_classes
+    mu_a, mu_v = rng.normal(0, 1.5, (C, audio_dim)), rng.normal(0, 1.5, (C, video_dim))
+    cfg = FeatureConfig(audio_backbone="synthetic", video_backbone="synthetic", xd=xd, size=32)
+    key = f"synthetic-{seed}-{audio_dim}-{video_dim}-{int(xd)}"
+    root, step_s = out / "_data_root", 16 / 24 if xd else 0.25
+    info = {"format": FEATURE_FORMAT, "avar_net_version": __version__, "config": cfg.to_dict(), "config_key": key,
+            "resolved": {}, "backbones": {"audio": {"spec": "synthetic", "dim": audio_dim},
+                                          "video": {"spec": "synthetic", "dim": video_dim}},
+            "layout": "xd" if xd else "vaar", "data_root": str(root.resolve()), "preprocessing": {"step_s": step_s}}
+    (out / "status").mkdir(parents=True, exist_ok=True); root.mkdir(parents=True, exist_ok=True)
+    split_names = ("train", "val", "test") if not xd else ("train", "test")
+    rows = _synthetic_rows(rng, C, n_per_class, splits, split_names, T, mu_a, mu_v, noise, xd)
+    names = ["Normal", "Violent"] if xd else VAAR_CLASSES if C == 10 else [f"c{i}" for i in range(C)]
+    test_list, ann = [], []
+    for order, (split, c, j, t, lab, a, v) in enumerate(rows):
+        name = f"vid{order:03d}__#1_label_{'B1-0-0' if c else 'A'}" if xd else f"{c}_{split}_{j}"
+        cid = name.replace("#", "_")
+        meta = {"clip_id": cid, "source": f"videos/{name}.mp4" if xd else f"{c}/{name}.mp4", "label": c,
+                "label_name": names[c], "split": split, "has_audio": True, "duration_s": t * step_s, "cfg_key": key}
+        if xd: meta["n_frames"] = 16 * t + 1 + int(rng.integers(0, 16))   # (n_frames - 1) // 16 == t snippets
+        sha = write_feature_file(out / "clips" / f"{cid}.safetensors", a, v, np.arange(t) * step_s, meta)
+        atomic_write_json(out / "status" / f"{cid}.json", {**meta, "status": "ok", "sha256": sha, "order": order,
+                                                          "T": t, "file": f"clips/{cid}.safetensors"})
+        if xd and split == "test":
+            test_list.append(meta["source"])
+            if c == 1:
+                idx = np.flatnonzero(lab)
+                ann.append(f"{name} {16 * idx[0]} {16 * (idx[-1] + 1)}")
+    if xd:
+        atomic_write_text(root / "test.list", "".join(s + "\n" for s in test_list))
+        atomic_write_text(root / "annotations.txt", "".join(line + "\n" for line in ann))
+    write_manifest(out, info)
+    return out

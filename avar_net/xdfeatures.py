@@ -227,7 +227,7 @@ def evaluate_hlnet_checkpoint(checkpoint, features_dir, gt=None, annotations=Non
     from avar_net.hlnet import load_hlnet
     from avar_net.features import FeatureStore
     from avar_net.metrics import xd_frame_ap
-    from avar_net.train import xd_test_ground_truth, load_gt
+    from avar_net.evaluation import xd_test_ground_truth, load_gt
     store = FeatureStore(features_dir)
     net = load_hlnet(checkpoint, device=device)
     if net.input_dim != store.video_dim + store.audio_dim:

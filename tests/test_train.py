@@ -1,4 +1,5 @@
-"Tests for avar_net.train: determinism, learning, evaluation, resume, refusing bad checkpoints, DDP (2 gloo processes)."
+"""Tests for avar_net.train, avar_net.evaluation and avar_net.runtime: determinism, learning, evaluation, resume,
+refusing bad checkpoints, DDP (2 gloo processes)."""
 import json, os, pickle, shutil, subprocess, sys, textwrap
 from pathlib import Path
 
@@ -6,8 +7,10 @@ import pytest
 import torch
 
 from avar_net.core import ConfigError, DataError, WeightsError, sha256_file
-from avar_net.train import (TrainConfig, train, evaluate, load_run, write_synthetic_features, load_checkpoint,
-                            checkpoint_problem, carve_val_split)
+from avar_net.train import TrainConfig, train, carve_val_split
+from avar_net.evaluation import evaluate, load_run
+from avar_net.runtime import load_checkpoint, checkpoint_problem
+from avar_net.testing import write_synthetic_features
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(num_stages=2, num_layers=3, num_f_maps=16, dropout=0.1)
@@ -46,8 +49,10 @@ def test_deterministic_same_seed_same_numbers(feats, tmp_path):
     r1 = train(feats, tmp_path / "a", SMALL, tc, progress=False)
     r2 = train(feats, tmp_path / "b", SMALL, tc, progress=False)
     assert (tmp_path / "a" / "metrics.jsonl").read_text() == (tmp_path / "b" / "metrics.jsonl").read_text()
-    assert same_tensors(tmp_path / "a/checkpoints/last/model.safetensors", tmp_path / "b/checkpoints/last/model.safetensors")
-    assert {k: v for k, v in r1.items() if k not in ("run_dir", "seconds")} == {k: v for k, v in r2.items() if k not in ("run_dir", "seconds")}
+    assert same_tensors(tmp_path / "a/checkpoints/last/model.safetensors",
+                        tmp_path / "b/checkpoints/last/model.safetensors")
+    same = lambda r: {k: v for k, v in r.items() if k not in ("run_dir", "seconds")}
+    assert same(r1) == same(r2)
     train(feats, tmp_path / "c", SMALL, TrainConfig(epochs=3, batch_size=8, lr=1e-2, seed=6), progress=False)
     assert read_metrics(tmp_path / "c") != read_metrics(tmp_path / "a")
     json.dumps(r1)
@@ -94,7 +99,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(feats, tmp_path):
     res = train(feats, tmp_path / "cut", resume=True, progress=False)          # configs come from the run
     assert (tmp_path / "cut/metrics.jsonl").read_text() == (tmp_path / "full/metrics.jsonl").read_text()
     for which in ("best", "last"):
-        assert same_tensors(tmp_path / f"cut/checkpoints/{which}/model.safetensors", tmp_path / f"full/checkpoints/{which}/model.safetensors")
+        assert same_tensors(tmp_path / f"cut/checkpoints/{which}/model.safetensors",
+                            tmp_path / f"full/checkpoints/{which}/model.safetensors")
     assert res["epochs_run"] == 4
     # resuming a finished run trains nothing and returns the same summary
     again = train(feats, tmp_path / "cut", resume=True, progress=False)
@@ -105,11 +111,13 @@ def test_resume_refuses_a_different_config(feats, tmp_path):
     tc = TrainConfig(epochs=1, batch_size=8, seed=0)
     train(feats, tmp_path / "r", SMALL, tc, progress=False)
     with pytest.raises(ConfigError, match="lr"):
-        train(feats, tmp_path / "r", SMALL, TrainConfig(epochs=1, batch_size=8, seed=0, lr=1e-3), resume=True, progress=False)
+        train(feats, tmp_path / "r", SMALL, TrainConfig(epochs=1, batch_size=8, seed=0, lr=1e-3), resume=True,
+              progress=False)
     with pytest.raises(ConfigError, match="num_f_maps"):
         train(feats, tmp_path / "r", {**SMALL, "num_f_maps": 8}, tc, resume=True, progress=False)
     # device / workers may change
-    train(feats, tmp_path / "r", SMALL, TrainConfig(epochs=1, batch_size=8, seed=0, device="cpu"), resume=True, progress=False)
+    train(feats, tmp_path / "r", SMALL, TrainConfig(epochs=1, batch_size=8, seed=0, device="cpu"), resume=True,
+          progress=False)
 
 
 def test_early_stopping(feats, tmp_path):
@@ -217,9 +225,11 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
     # filler. dropout=0: dropout draws differ with the rank layout by design (documented in the notebook).
     fd = write_synthetic_features(tmp_path / "f", n_per_class=6, seed=2)
     script = tmp_path / "ddp.py"; script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(script), str(fd), str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=600)
+                        str(script), str(fd), str(tmp_path / "ddp")], env=env, capture_output=True, text=True,
+                       timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     train(fd, tmp_path / "one", dict(num_stages=2, num_layers=3, num_f_maps=16, dropout=0.0),
           TrainConfig(epochs=3, batch_size=3, lr=5e-3, seed=0, class_weights=True), progress=False)
@@ -229,7 +239,8 @@ def test_ddp_two_gloo_processes_equal_one_process(tmp_path):
         for k, v in b.items():
             if isinstance(v, float): assert a[k] == pytest.approx(v, rel=1e-4, abs=1e-5), (k, a[k], v)
             else: assert a[k] == v, k
-    w2, w1 = tensors(tmp_path / "ddp/checkpoints/last/model.safetensors"), tensors(tmp_path / "one/checkpoints/last/model.safetensors")
+    w2 = tensors(tmp_path / "ddp/checkpoints/last/model.safetensors")
+    w1 = tensors(tmp_path / "one/checkpoints/last/model.safetensors")
     for k in w1: torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
     cfg = json.loads((tmp_path / "ddp/config.json").read_text())
     assert cfg["world_size"] == 2

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from avar_net.train import write_synthetic_features, load_checkpoint
+from avar_net.testing import write_synthetic_features
+from avar_net.runtime import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 6
@@ -20,7 +21,8 @@ SCRIPT = textwrap.dedent(f"""
 
 
 def start(script, feats, run):
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, str(script), str(feats), str(run)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -39,7 +41,8 @@ def kill(p):
 def wait_for(cond, p, timeout=300, poll=0.002):
     t0 = time.monotonic()
     while not cond():
-        if p.poll() is not None: raise AssertionError(f"training exited early ({p.returncode}): {p.stderr.read()[-2000:]}")
+        if p.poll() is not None:
+            raise AssertionError(f"training exited early ({p.returncode}): {p.stderr.read()[-2000:]}")
         if time.monotonic() - t0 > timeout: raise AssertionError("timeout waiting for the training process")
         time.sleep(poll)
 
@@ -78,7 +81,8 @@ def test_sigkill_at_any_moment_then_resume_gives_uninterrupted_numbers(tmp_path)
     # 2. during the atomic checkpoint swap (last.tmp being written, or last moved to last.old)
     p = start(script, feats, run)
     ck = run / "checkpoints"
-    swapping = lambda: (ck / "last.tmp").exists() or (ck / "last.old").exists() or n_epochs(run) >= min(EPOCHS - 1, done_1 + 2)
+    swapping = lambda: ((ck / "last.tmp").exists() or (ck / "last.old").exists()
+                        or n_epochs(run) >= min(EPOCHS - 1, done_1 + 2))
     wait_for(lambda: n_epochs(run) >= done_1 + 1 and swapping(), p, poll=0.0005)
     kill(p); check_consistent(run)
     print("kill 2 left:", sorted(x.name for x in ck.iterdir()), "epochs logged:", n_epochs(run))
@@ -97,7 +101,8 @@ def test_sigkill_at_any_moment_then_resume_gives_uninterrupted_numbers(tmp_path)
     assert (run / "metrics.jsonl").read_text() == (tmp_path / "ref" / "metrics.jsonl").read_text()
     assert len((run / "metrics.jsonl").read_text().splitlines()) == EPOCHS
     for which in ("best", "last"):
-        a, b = weights(run / f"checkpoints/{which}/model.safetensors"), weights(tmp_path / f"ref/checkpoints/{which}/model.safetensors")
+        a = weights(run / f"checkpoints/{which}/model.safetensors")
+        b = weights(tmp_path / f"ref/checkpoints/{which}/model.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), which
     # optimizer state too (Adam moments), and nothing left over from the swaps
     _, sa, ta = load_checkpoint(run / "checkpoints/last")
@@ -107,4 +112,5 @@ def test_sigkill_at_any_moment_then_resume_gives_uninterrupted_numbers(tmp_path)
         for name, v in st.items(): assert torch.equal(v, sb["optimizer"]["state"][k][name]), (k, name)
     assert sorted(x.name for x in ck.iterdir()) == ["best", "last"]
     ra, rb = (json.loads((d / "result.json").read_text()) for d in (run, tmp_path / "ref"))
-    assert {k: v for k, v in ra.items() if k not in ("run_dir", "seconds")} == {k: v for k, v in rb.items() if k not in ("run_dir", "seconds")}
+    same = lambda r: {k: v for k, v in r.items() if k not in ("run_dir", "seconds")}
+    assert same(ra) == same(rb)

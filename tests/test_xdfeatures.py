@@ -10,7 +10,7 @@ from sklearn.metrics import auc, precision_recall_curve
 from avar_net.cli import main
 from avar_net.features import FeatureStore
 from avar_net.testing import write_xd_release
-from avar_net.train import load_run
+from avar_net.evaluation import load_run
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # the fixture is in conftest.py

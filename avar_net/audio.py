@@ -4,196 +4,84 @@
 
 # %% ../nbs/03_audio.ipynb #cell-3
 from __future__ import annotations
-import os, re, json, math, copy, warnings, contextlib
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+import json, contextlib
+from typing import Callable
 import numpy as np
-from .core import ConfigError, WeightsError, DataError, sha256_file, hf_offline, auto_device, cpu_flags
-hf_offline()  # before huggingface_hub / transformers are imported anywhere below
+from fastcore.basics import patch
+from .core import ConfigError, WeightsError, DataError, sha256_file, auto_device
+from .weights import (parse_weight_spec, fetch_hub_files, fetch_hint, pick_weight_file, random_init,
+                              quiet_transformers)
+from .fast_backbones import accelerate_wav2vec2, INT8_SCHEME
 import torch
-from torch import nn
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'W2V_DEFAULT', 'W2V_FILES', 'INT8_MIN_COSINE', 'INT8_WEIGHT_MAX', 'INT8_SCHEME', 'INT8_POSTS',
-           'cpu_supports_bf16', 'int8_supported', 'resolve_precision', 'WeightSpec', 'parse_weight_spec', 'hub_offline',
-           'fetch_hub_files', 'pick_weight_file', 'load_state_file', 'random_init', 'tiny_wav2vec2_config',
-           'load_wav2vec2', 'conv_geometry', 'conv_out_len', 'chunk_bounds', 'stitch_keep', 'Float32Island',
-           'bake_weight_norm', 'cast_matmul_weights', 'Int8Linear', 'calibrate_int8', 'linears_to_int8',
-           'feature_agreement', 'int8_probe_wave', 'int8_check', 'FFTConv1d', 'FirstConvGemm', 'Int8WindowConv',
-           'Wav2Vec2Int8Encoder', 'quantize_wav2vec2', 'AudioExtractor']
+__all__ = ['W2V_DEFAULT', 'W2V_FILES', 'tiny_wav2vec2_config', 'load_wav2vec2', 'conv_geometry', 'conv_out_len', 'chunk_bounds',
+           'stitch_keep', 'AudioExtractor']
 
 # %% ../nbs/03_audio.ipynb #cell-6
-def cpu_supports_bf16() -> bool:
-    "True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX-BF16), so bf16 autocast pays off."
-    flags = cpu_flags()
-    if flags: return bool({"avx512_bf16", "amx_bf16"} & flags)
-    return "AMX" in str(torch.backends.cpu.get_cpu_capability()).upper()
-
-def int8_supported() -> bool:
-    "True where oneDNN's int8 GEMMs run here: an x86 CPU with AVX2 (or AVX-512) and PyTorch built with oneDNN."
-    cap = str(torch.backends.cpu.get_cpu_capability()).upper()
-    return (("AVX2" in cap or "AVX512" in cap) and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.onednn, "qlinear_pointwise") and hasattr(torch.ops.onednn, "qlinear_prepack"))
-
-PRECISIONS = ("auto", "fp32", "bf16", "int8")
-
-def resolve_precision(precision: str = "auto", device="cpu", int8: bool = False) -> str:
-    """'bf16', 'int8' or 'fp32'. `auto`: bf16 on CPUs with native bf16 and on CUDA GPUs with bf16; else, for a
-    model with an int8 path (`int8=True`: Wav2Vec2, timm's MobileViT), int8 on CPUs where `int8_supported()`; else
-    fp32. An explicit 'int8' is a CPU path: a model without one (`int8=False`) runs fp32 under it."""
-    if precision not in PRECISIONS: raise ConfigError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
-    dev = auto_device(device) if str(device) == "auto" else torch.device(device)
-    if precision == "int8":
-        if dev.type != "cpu": raise ConfigError(f"precision='int8' is a CPU path; on {dev.type} use 'bf16' or 'auto'")
-        if not int8: return "fp32"
-        if not int8_supported(): raise ConfigError("precision='int8' needs an x86 CPU with AVX2 and PyTorch built with oneDNN; use 'auto' or 'fp32'")
-        return "int8"
-    if precision != "auto": return precision
-    if dev.type == "cuda": return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if dev.type == "cpu":
-        if cpu_supports_bf16(): return "bf16"
-        return "int8" if int8 and int8_supported() else "fp32"
-    return "fp32"
-
-# %% ../nbs/03_audio.ipynb #cell-11
-@dataclass(frozen=True)
-class WeightSpec:
-    "A parsed backbone spec: `kind` is 'hub', 'local', 'random' or 'random-tiny'."
-    kind: str
-    name: str            # the hub id, the resolved local path, or the spec text for random kinds
-    seed: int = 0
-    @property
-    def path(self) -> Path|None: return Path(self.name) if self.kind == "local" else None
-    @property
-    def is_random(self) -> bool: return self.kind in ("random", "random-tiny")
-
-def parse_weight_spec(spec) -> WeightSpec:
-    "Parse a backbone spec string (see the table above); a local path that does not exist raises `WeightsError`."
-    if spec is None or str(spec).strip() == "": raise ConfigError("empty backbone spec")
-    s = str(spec).strip()
-    m = re.fullmatch(r"(random|random-tiny)(?::(\d+))?", s)
-    if m: return WeightSpec(m[1], s, int(m[2] or 0))
-    if s.startswith("random"):
-        raise ConfigError(f"bad backbone spec {s!r}; random weights are 'random', 'random:<seed>', 'random-tiny' or 'random-tiny:<seed>'")
-    p = Path(s).expanduser()
-    if isinstance(spec, Path) or s.startswith(("/", ".", "~")) or p.exists():
-        if not p.exists(): raise WeightsError(f"{p}: no such weights file or folder")
-        return WeightSpec("local", str(p.resolve()))
-    return WeightSpec("hub", s)
-
-def hub_offline() -> bool:
-    "True when `HF_HUB_OFFLINE` forbids network access (the default after `hf_offline()`)."
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-def fetch_hub_files(repo_id: str, groups: list[tuple[str, ...]], how_to: Callable[[list[str]], str]) -> dict[str, Path]:
-    """Resolve files of hub repo `repo_id` from the local cache (or the hub when online). `groups` lists alternatives,
-    e.g. `('model.safetensors', 'pytorch_model.bin')`; returns {first name of group: path of the file found}.
-    Raises `WeightsError(how_to(missing))` when a group has no file."""
-    from huggingface_hub import hf_hub_download
-    found, missing, reason = {}, [], ""
-    for alts in groups:
-        for fn in alts:
-            try:
-                found[alts[0]] = Path(hf_hub_download(repo_id, fn, local_files_only=hub_offline())); break
-            except Exception as e:  # not cached, not on the hub, no network: all mean "not available here"
-                reason = type(e).__name__
-        else: missing.append(" or ".join(alts))
-    if missing:
-        where = "the local Hugging Face cache (HF_HUB_OFFLINE=1 forbids downloading)" if hub_offline() else f"the hub ({reason})"
-        raise WeightsError(f"{repo_id}: {', '.join(missing)} not found in {where}; {how_to(missing)}")
-    return found
-
-def pick_weight_file(folder: Path, names=("model.safetensors", "pytorch_model.bin")) -> Path|None:
-    "The preferred weight file in `folder` (safetensors first), or None."
-    for n in names:
-        if (folder / n).is_file(): return folder / n
-    return None
-
-def load_state_file(path) -> dict[str, torch.Tensor]:
-    "Load a state dict from safetensors, or from a torch pickle with `weights_only=True` (never arbitrary pickles)."
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(path))
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e: raise WeightsError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
-    for k in ("state_dict", "model", "state_dict_ema"):  # common checkpoint wrappers
-        if isinstance(sd, dict) and isinstance(sd.get(k), dict): sd = sd[k]; break
-    if not isinstance(sd, dict): raise WeightsError(f"{path}: not a state dict")
-    return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-
-def random_init(build: Callable[[], nn.Module], seed: int) -> nn.Module:
-    "Build a module with `torch.manual_seed(seed)` without disturbing the caller's RNG state."
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
-# %% ../nbs/03_audio.ipynb #cell-14
 W2V_DEFAULT = "facebook/wav2vec2-base-960h"
 W2V_FILES = (("config.json",), ("model.safetensors", "pytorch_model.bin"), ("preprocessor_config.json",))
-_W2V_FE_DEFAULT = {"do_normalize": True, "sampling_rate": 16000, "feature_size": 1}  # Wav2Vec2FeatureExtractor() defaults
+_W2V_FE_DEFAULT = {"do_normalize": True, "sampling_rate": 16000, "feature_size": 1}  # Wav2Vec2FeatureExtractor()
 
 def tiny_wav2vec2_config(**kw):
     "A tiny group-norm Wav2Vec2 config with the real 7-layer conv stack geometry (320× downsampling)."
     from transformers import Wav2Vec2Config
-    return Wav2Vec2Config(**{**dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        conv_dim=(64,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, feat_extract_norm="group"), **kw})
+    return Wav2Vec2Config(**{**dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=128, conv_dim=(64,) * 7, num_conv_pos_embeddings=16,
+                                    num_conv_pos_embedding_groups=4, feat_extract_norm="group"), **kw})
 
 def _w2v_how_to(repo: str, dest: str|None = None) -> Callable[[list[str]], str]:
     dest = dest or f"~/models/{repo.rstrip('/').split('/')[-1]}"
-    return lambda missing: (f"on a machine with internet run `huggingface-cli download {repo} config.json model.safetensors "
-        f"preprocessor_config.json --local-dir {dest}` (`hf download` with the same arguments on huggingface_hub >= 1.0; "
-        f"pytorch_model.bin instead of model.safetensors if the repo has no safetensors), bring {dest} to this machine and pass `--audio-backbone {dest}` "
-        f"(AudioExtractor(backbone='{dest}'))")
+    return fetch_hint(repo, "config.json model.safetensors preprocessor_config.json", dest, "--audio-backbone",
+                      "AudioExtractor",
+                      "; pytorch_model.bin instead of model.safetensors if the repo has no safetensors")
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    "Silence transformers' load report and progress bars while loading."
-    import transformers
-    lvl = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error(); transformers.logging.disable_progress_bar()
-    try: yield
-    finally: transformers.logging.set_verbosity(lvl); transformers.logging.enable_progress_bar()
+def _w2v_folder(spec) -> tuple:
+    "(folder, label) of a hub or local spec, every required file checked."
+    if spec.kind == "hub":
+        return fetch_hub_files(spec.name, list(W2V_FILES), _w2v_how_to(spec.name))["config.json"].parent, spec.name
+    folder = spec.path
+    if folder.is_file():
+        if folder.name not in ("model.safetensors", "pytorch_model.bin"):
+            raise WeightsError(f"{folder}: pass the Wav2Vec2 folder (config.json, model.safetensors or "
+                               "pytorch_model.bin, preprocessor_config.json), not a single file")
+        folder = folder.parent
+    missing = [" or ".join(g) for g in W2V_FILES if not any((folder / f).is_file() for f in g)]
+    if missing:
+        raise WeightsError(f"{folder}: missing {', '.join(missing)} (a Wav2Vec2 folder needs config.json, "
+                           "model.safetensors or pytorch_model.bin, and preprocessor_config.json); "
+                           + _w2v_how_to(W2V_DEFAULT, str(folder))(missing))
+    return folder, spec.name
 
+# %% ../nbs/03_audio.ipynb #cell-8
 def load_wav2vec2(backbone: str = W2V_DEFAULT):
-    "`(model, feature_extractor_config: dict, weights_id, sha256 | None)` for a backbone spec; model frozen, eval, on CPU."
+    "`(model, feature_extractor_config: dict, weights_id, sha256 | None)` for a backbone spec; frozen, eval, on CPU."
     from transformers import Wav2Vec2Config, Wav2Vec2Model
     from avar_net.pretrain import resolve_backbone
-    spec = parse_weight_spec(resolve_backbone(backbone, "audio"))   # 'synth-pretrained' names a folder in the user cache
+    spec = parse_weight_spec(resolve_backbone(backbone, "audio"))   # 'synth-pretrained': a folder in the user cache
     if spec.is_random:
         cfg = Wav2Vec2Config() if spec.kind == "random" else tiny_wav2vec2_config()
         model = random_init(lambda: Wav2Vec2Model(cfg), spec.seed)
         return model.eval().requires_grad_(False), dict(_W2V_FE_DEFAULT), f"{spec.kind}:{spec.seed}", None
-    if spec.kind == "hub":
-        folder = fetch_hub_files(spec.name, list(W2V_FILES), _w2v_how_to(spec.name))["config.json"].parent
-        label = spec.name
-    else:
-        folder, label = spec.path, spec.name
-        if folder.is_file():
-            if folder.name not in ("model.safetensors", "pytorch_model.bin"):
-                raise WeightsError(f"{folder}: pass the Wav2Vec2 folder (config.json, model.safetensors or pytorch_model.bin, preprocessor_config.json), not a single file")
-            folder = folder.parent
-        missing = [" or ".join(g) for g in W2V_FILES if not any((folder / f).is_file() for f in g)]
-        if missing:
-            raise WeightsError(f"{folder}: missing {', '.join(missing)} (a Wav2Vec2 folder needs config.json, model.safetensors "
-                               f"or pytorch_model.bin, and preprocessor_config.json); " + _w2v_how_to(W2V_DEFAULT, str(folder))(missing))
+    folder, label = _w2v_folder(spec)
     wfile = pick_weight_file(folder)
     try: fe = json.loads((folder / "preprocessor_config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e: raise WeightsError(f"{folder / 'preprocessor_config.json'}: unreadable ({e})") from e
+    except (OSError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{folder / 'preprocessor_config.json'}: unreadable ({e})") from e
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model, info = Wav2Vec2Model.from_pretrained(folder, local_files_only=True, output_loading_info=True,
                                                         use_safetensors=wfile.suffix == ".safetensors")
     except (OSError, ValueError, RuntimeError) as e:
-        raise WeightsError(f"{folder}: cannot load Wav2Vec2 weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+        first = str(e).splitlines()[0][:200]
+        raise WeightsError(f"{folder}: cannot load Wav2Vec2 weights ({type(e).__name__}: {first})") from e
     bad = sorted(info.get("missing_keys", [])) + sorted(str(k) for k in info.get("mismatched_keys", []))
-    if bad: raise WeightsError(f"{wfile}: weights do not match the Wav2Vec2 architecture in config.json (missing/mis-shaped: {', '.join(bad[:5])}…)")
+    if bad: raise WeightsError(f"{wfile}: weights do not match the Wav2Vec2 architecture in config.json "
+                               f"(missing/mis-shaped: {', '.join(bad[:5])}…)")
     sha = sha256_file(wfile)
     return model.eval().requires_grad_(False), {**_W2V_FE_DEFAULT, **fe}, f"{label}@sha256:{sha}", sha
 
-# %% ../nbs/03_audio.ipynb #cell-19
+# %% ../nbs/03_audio.ipynb #cell-13
 def conv_geometry(kernels, strides) -> tuple[int, int]:
     "(hop, receptive field) in samples of a stack of 1-D convolutions."
     hop, rf = 1, 1
@@ -206,9 +94,10 @@ def conv_out_len(n: int, kernels, strides) -> int:
     for k, s in zip(kernels, strides): n = (n - k) // s + 1 if n >= k else 0
     return n
 
-# %% ../nbs/03_audio.ipynb #cell-22
+# %% ../nbs/03_audio.ipynb #cell-16
 def chunk_bounds(n: int, chunk: int, overlap: int, hop: int) -> list[tuple[int, int]]:
-    "Sample ranges [a, b) covering [0, n): length `chunk` (the last one up to `hop`-1 longer), starts on multiples of `hop`."
+    """Sample ranges [a, b) covering [0, n): length `chunk` (the last one up to `hop`-1 longer), starts on multiples
+    of `hop`."""
     if n <= chunk: return [(0, n)]
     step = chunk - overlap
     starts = list(range(0, n - chunk, step))
@@ -230,310 +119,7 @@ def stitch_keep(bounds, kernels, strides) -> list[tuple[int, np.ndarray]]:
         out.append((g0, (centres >= lo) & (centres < hi)))
     return out
 
-# %% ../nbs/03_audio.ipynb #cell-25
-class Float32Island(nn.Module):
-    "Runs the wrapped module in fp32 with autocast disabled (inside an autocast region)."
-    def __init__(self, module: nn.Module):
-        super().__init__(); self.module = module
-    def forward(self, x):
-        with torch.autocast(x.device.type, enabled=False): return self.module(x.float())
-
-# %% ../nbs/03_audio.ipynb #cell-27
-def bake_weight_norm(model: nn.Module) -> int:
-    "Replace weight-norm parametrisations by their current value (inference only); returns how many were baked."
-    from torch.nn.utils import parametrize
-    n = 0
-    for mod in list(model.modules()):
-        if parametrize.is_parametrized(mod, "weight"):
-            parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True); n += 1
-        elif hasattr(mod, "weight_g") and hasattr(mod, "weight_v"):
-            torch.nn.utils.remove_weight_norm(mod); n += 1
-    return n
-
-def cast_matmul_weights(model: nn.Module, dtype=torch.bfloat16) -> int:
-    """Store the weights of linears and convolutions in `dtype` (for autocast inference: the same rounding autocast
-    applies on every call), except inside `Float32Island`s; norms keep fp32. Returns how many layers were cast."""
-    keep = {id(p) for m in model.modules() if isinstance(m, Float32Island) for p in m.parameters()}
-    n = 0
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and id(m.weight) not in keep:
-            m.to(dtype); n += 1
-    return n
-
-# %% ../nbs/03_audio.ipynb #f38e5b08
-INT8_MIN_COSINE = 0.99   # every probe vector of the int8 model must be this close to fp32, else fp32 runs
-INT8_WEIGHT_MAX = 63     # 7-bit weights: no int16 saturation in AVX2's u8·s8 multiply-add (see `Int8Linear`)
-# what the int8 features depend on, recorded in manifests and feature-cache keys: change it when the scheme changes
-INT8_SCHEME = ("onednn linears: weights int8 7-bit per output channel; activations uint8 per call, each chunk alone; "
-               "conv encoder time-major: first conv + norm one fp32 GEMM, layers 2- int8 windows with one symmetric scale "
-               "per output step; positional conv by FFT")
-
-_NONFINITE = "non-finite activations reached an int8 layer (NaN or Inf upstream); precision='fp32' propagates them instead"
-
-def _uint8_qparams(lo: float, hi: float) -> tuple[float, int]:
-    "Asymmetric uint8 (scale, zero point) for values in [lo, hi], the range widened to include 0."
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = (hi - lo) / 255.0 or 1.0
-    return scale, int(min(255, max(0, round(-lo / scale))))
-
-def _u8_codes(q: torch.Tensor) -> torch.Tensor:
-    "The uint8 codes of a quint8 tensor as a uint8 tensor on the same memory (`int_repr` would copy them)."
-    return torch.empty(0, dtype=torch.uint8, device=q.device).set_(q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
-
-def _quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
-    "Per-tensor asymmetric uint8 quantisation of `x` -> (uint8 tensor, scale, zero point)."
-    lo, hi = (float(v) for v in torch.aminmax(x))
-    if not (math.isfinite(lo) and math.isfinite(hi)): raise DataError(_NONFINITE)
-    scale, zp = _uint8_qparams(lo, hi)
-    return _u8_codes(torch.quantize_per_tensor(x.contiguous(), scale, zp, torch.quint8)), scale, zp
-
-INT8_POSTS = ("none", "gelu", "swish")     # what oneDNN can apply to an Int8Linear's output on the way out
-
-class Int8Linear(nn.Module):
-    """`post(x Wᵀ + b)` with W in 7-bit int8 (±63, one scale per output channel) and x quantised to uint8; int32
-    accumulation in oneDNN, fp32 out. `post` is 'none', 'gelu' (exact GELU) or 'swish' (SiLU), applied by oneDNN on
-    the way out. Activations get one scale and zero point per call (dynamic), unless `act_qparams` holds a fixed
-    (scale, zero point) — set by `calibrate_int8`. Inference only, CPU only. Why 7 bits: without VNNI, oneDNN multiplies
-    with AVX2's `vpmaddubsw`, whose u8·s8 pair sums saturate at int16 — 255·127·2 can, 255·63·2 cannot."""
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, post: str = "none"):
-        super().__init__()
-        if post not in INT8_POSTS: raise ValueError(f"post must be one of {INT8_POSTS}, got {post!r}")
-        w = weight.detach().float()
-        self.out_features, self.in_features = w.shape
-        self.register_buffer("w_scale", (w.abs().amax(1).clamp_min(1e-12) / INT8_WEIGHT_MAX).float())
-        self.register_buffer("w_zero", torch.zeros(w.shape[0], dtype=torch.int32))
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-        self._packed = torch.ops.onednn.qlinear_prepack(torch.round(w / self.w_scale[:, None]).clamp(-INT8_WEIGHT_MAX, INT8_WEIGHT_MAX).to(torch.int8), None)
-        self.post = post
-        self.act_qparams: tuple[float, int] | None = None   # fixed (scale, zero point); None: per call
-        self._seen: list[float] | None = None                # [min, max] of the inputs while calibrating
-    @classmethod
-    def from_linear(cls, lin: nn.Linear, post: str = "none") -> "Int8Linear": return cls(lin.weight, lin.bias, post)
-    def matmul_q(self, q: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
-        "(M, in) uint8 already quantised with (scale, zp) -> (M, out) fp32."
-        return torch.ops.onednn.qlinear_pointwise(q, scale, zp, self._packed, self.w_scale, self.w_zero, self.bias,
-                                                  1.0, 0, torch.float32, self.post, [], "none")
-    def forward(self, x):
-        if x.numel() == 0: return x.new_zeros(*x.shape[:-1], self.out_features, dtype=torch.float32)
-        x = x.float()
-        if self._seen is not None:
-            lo, hi = torch.aminmax(x); self._seen = [min(self._seen[0], float(lo)), max(self._seen[1], float(hi))]
-        if self.act_qparams is None: q, scale, zp = _quantize_act(x)
-        else:                                                  # fixed scale: values outside its range saturate
-            if not math.isfinite(float(x.sum())): raise DataError(_NONFINITE)   # saturation would hide NaN / Inf; one sum finds them
-            scale, zp = self.act_qparams
-            q = _u8_codes(torch.quantize_per_tensor(x.contiguous(), scale, zp, torch.quint8))
-        return self.matmul_q(q.reshape(-1, self.in_features), scale, zp).view(*x.shape[:-1], self.out_features)
-    def extra_repr(self):
-        act = "per call" if self.act_qparams is None else f"fixed scale {self.act_qparams[0]:.3g}, zero point {self.act_qparams[1]}"
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8, post={self.post}, activations {act}"
-
-def calibrate_int8(model: nn.Module, run: Callable[[], Any], margin: float = 1.25) -> int:
-    """Fix the activation (scale, zero point) of every `Int8Linear` in `model`: the range of its inputs while `run()`
-    executes, widened `margin`-fold about its centre (and to include 0). Layers `run()` never reaches stay dynamic.
-    Returns how many were fixed. With fixed scales an input's result no longer depends on what else is in its call."""
-    if margin < 1: raise ConfigError(f"margin must be >= 1, got {margin}")
-    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
-    before = [m.act_qparams for m in layers]
-    for m in layers: m.act_qparams, m._seen = None, [math.inf, -math.inf]
-    try:
-        with torch.inference_mode(): run()
-        seen = [m._seen for m in layers]
-    except BaseException:                                      # a failed run leaves the model as it was
-        for m, q in zip(layers, before): m.act_qparams = q
-        raise
-    finally:
-        for m in layers: m._seen = None
-    n = 0
-    for m, (lo, hi) in zip(layers, seen):
-        if not (math.isfinite(lo) and math.isfinite(hi)): continue
-        mid, half = (hi + lo) / 2, (hi - lo) / 2 * margin
-        m.act_qparams = _uint8_qparams(mid - half, mid + half); n += 1
-    return n
-
-def linears_to_int8(module: nn.Module) -> int:
-    "Replace every plain `nn.Linear` under `module` by an `Int8Linear`, in place; returns how many."
-    n = 0
-    for mod in list(module.modules()):
-        for name, child in list(mod.named_children()):
-            if type(child) is nn.Linear: setattr(mod, name, Int8Linear.from_linear(child)); n += 1
-    return n
-
-def feature_agreement(ref: Callable, test: Callable, x) -> dict:
-    "Row-wise cosine of `test(x)` to `ref(x)` -> {'cosine_min', 'cosine_mean', 'vectors'}."
-    with torch.inference_mode(): a, b = ref(x).double(), test(x).double()
-    c = torch.nn.functional.cosine_similarity(a, b, -1)
-    return {"cosine_min": float(c.min()), "cosine_mean": float(c.mean()), "vectors": int(c.numel())}
-
-def _is_exact_gelu(act) -> bool:
-    f = getattr(act, "act", act)
-    return f is torch.nn.functional.gelu or (isinstance(act, nn.GELU) and act.approximate == "none")
-
-def int8_probe_wave(sr: int = 16000, seconds: float = 2.0) -> np.ndarray:
-    "A fixed probe signal: a 100 Hz → 4 kHz chirp, a two-tone chord, noise bursts and a quiet stretch (float32)."
-    n = int(round(seconds * sr)); t = np.arange(n) / sr; rng = np.random.default_rng(1234)
-    chirp = np.sin(2 * np.pi * (100 * t + (4000 - 100) / (2 * seconds) * t ** 2))
-    chord = 0.5 * np.sin(2 * np.pi * 440 * t) + 0.3 * np.sin(2 * np.pi * 1250 * t)
-    bursts = rng.standard_normal(n) * (np.sin(2 * np.pi * 3 * t) > 0.6)
-    x = np.where(t < seconds / 2, 0.6 * chirp, chord) + 0.4 * bursts
-    x[int(0.85 * n):] *= 0.01                                      # a quiet stretch
-    return x.astype(np.float32)
-
-def int8_check(fp32_model: nn.Module, int8_model: nn.Module, wave: np.ndarray, normalize: bool = True, layer: int | None = None) -> dict:
-    """Row-wise cosine of the int8 model's hidden state `layer` (None: the last) to fp32 on `wave`
-    -> {'cosine_min', 'cosine_mean', 'vectors'}."""
-    x = torch.from_numpy(np.asarray(wave, np.float32))[None]
-    if normalize: x = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + 1e-7)
-    def run(m):
-        def hidden(x):
-            o = m(x, output_hidden_states=layer is not None)
-            return o.last_hidden_state[0] if layer is None else o.hidden_states[layer][0]
-        return hidden
-    return feature_agreement(run(fp32_model), run(int8_model), x)
-
-# %% ../nbs/03_audio.ipynb #dafd1f35
-class FFTConv1d(nn.Module):
-    """A stride-1 `nn.Conv1d` (groups, zero padding, bias) computed by overlap-save FFT convolution in blocks of `n`
-    samples: the same sums to fp32 rounding (~1e-6), O(log n) work per output instead of O(kernel). Holds the weights'
-    spectra (groups × (n/2+1) × (C/groups)² complex: 38 MB for wav2vec2-base's positional conv at n = 256)."""
-    def __init__(self, conv: nn.Conv1d, n: int | None = None):
-        super().__init__()
-        if conv.stride != (1,) or conv.dilation != (1,) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ConfigError(f"FFTConv1d needs a stride-1, undilated, zero-padded Conv1d, got {conv}")
-        w = conv.weight.detach().float()                                     # (C_out, C_in/groups, K)
-        self.out_channels, cg_in, self.k = w.shape
-        self.groups, self.pad = conv.groups, conv.padding[0]
-        self.n = n or 1 << (2 * self.k - 1).bit_length()                   # >= 2K: at least half of each block is output
-        if self.n < self.k: raise ConfigError(f"FFT block {self.n} shorter than the kernel {self.k}")
-        self.step = self.n - self.k + 1                                      # outputs per block
-        g, cg_out = self.groups, self.out_channels // self.groups
-        wf = torch.fft.rfft(w.flip(-1), n=self.n).view(g, cg_out, cg_in, -1).permute(0, 3, 1, 2).contiguous()
-        self.register_buffer("wf", wf)                                       # (G, F, cg_out, cg_in)
-        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float().clone())
-    def forward(self, x):                                                    # (B, C_in, T) -> (B, C_out, T_out)
-        B, C, T = x.shape; g, k, n, step = self.groups, self.k, self.n, self.step
-        t_out = T + 2 * self.pad - k + 1
-        if t_out < 1: raise DataError(f"{T} samples (padding {self.pad} each side) are fewer than the kernel ({k})")
-        nb = -(-t_out // step)
-        xp = nn.functional.pad(x.float(), (self.pad, nb * step + k - 1 - T - self.pad))   # (B, C, nb·step + k - 1)
-        xf = torch.fft.rfft(xp.unfold(-1, n, step), n=n)                    # (B, C, nb, F)
-        xf = xf.view(B, g, C // g, nb, -1).permute(0, 1, 4, 2, 3)            # (B, G, F, cg_in, nb)
-        yf = torch.matmul(self.wf, xf)                                       # (B, G, F, cg_out, nb)
-        y = torch.fft.irfft(yf.permute(0, 1, 3, 4, 2).reshape(B, self.out_channels, nb, -1), n=n)
-        y = y[..., k - 1:].reshape(B, self.out_channels, nb * step)[..., :t_out]
-        return y if self.bias is None else y + self.bias[:, None]
-    def extra_repr(self): return f"{self.out_channels}, kernel={self.k}, groups={self.groups}, padding={self.pad}, fft block={self.n}"
-
-def _plain_conv(conv) -> bool:
-    return isinstance(conv, nn.Conv1d) and conv.padding == (0,) and conv.dilation == (1,) and conv.groups == 1
-
-class _NormAct(nn.Module):
-    "A conv layer's (LayerNorm over channels, if any) and activation, applied in place to time-major rows."
-    def __init__(self, norm: nn.LayerNorm | None, act):
-        super().__init__(); self.norm, self.act = norm, act
-    def forward(self, y):
-        if self.norm is not None: y.copy_(self.norm(y))
-        return torch.ops.aten.gelu_(y) if _is_exact_gelu(self.act) else y.copy_(self.act(y))
-
-class FirstConvGemm(nn.Module):
-    """Wav2Vec2's first encoder layer — 1-channel conv (kernel k, stride s), its norm (per-channel `GroupNorm` over time,
-    or `LayerNorm` over channels) and activation — as one fp32 GEMM over the waveform's (T, k) windows; output
-    time-major (T, C). GroupNorm's statistics are those of a linear map of the windows: mean_c = w_c·μ + b_c,
-    var_c = w_cᵀ Σ w_c (μ, Σ: the windows' mean and k×k covariance, float64), so the norm folds into the GEMM's weights
-    and bias. Exact algebra: it differs from the module by fp32 rounding."""
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        conv, norm = layer.conv, getattr(layer, "layer_norm", None)
-        if not (_plain_conv(conv) and conv.in_channels == 1): raise ConfigError(f"not a 1-channel first conv layer: {conv}")
-        if not (norm is None or isinstance(norm, nn.LayerNorm) or (isinstance(norm, nn.GroupNorm) and norm.num_groups == norm.num_channels)):
-            raise ConfigError(f"unsupported norm in the first conv layer: {norm}")
-        self.k, self.s = conv.kernel_size[0], conv.stride[0]
-        self.register_buffer("w", conv.weight.detach()[:, 0].double().clone())              # (C, k)
-        self.register_buffer("b", None if conv.bias is None else conv.bias.detach().double().clone())
-        self.group_norm = norm if isinstance(norm, nn.GroupNorm) else None
-        self.post = _NormAct(norm if isinstance(norm, nn.LayerNorm) else None, layer.activation)
-    def forward(self, x):                                                     # (L,) waveform -> (T, C)
-        u = x.float().unfold(0, self.k, self.s)                              # (T, k) view
-        w, b = self.w, (self.b if self.b is not None else self.w.new_zeros(len(self.w)))
-        if self.group_norm is not None:
-            ud = u.double(); mu = ud.mean(0); uc = ud - mu
-            var = ((w @ (uc.T @ uc / len(u))) * w).sum(1)
-            a = self.group_norm.weight.double() / torch.sqrt(var + self.group_norm.eps)
-            w, b = w * a[:, None], self.group_norm.bias.double() - (w * a[:, None]) @ mu    # b_c cancels in the norm
-        return self.post(torch.cat([u, u.new_ones(len(u), 1)], 1) @ torch.cat([w, b[:, None]], 1).float().T)
-
-class Int8WindowConv(nn.Module):
-    """A conv-encoder layer (`nn.Conv1d` without padding, then `post` in place) on time-major frames (T, C) in int8:
-    output step t's window — input frames s·t … s·t+k−1, k·C contiguous numbers — gets its own symmetric scale
-    (|max| → 127, zero point 128), its uint8 codes meet the 7-bit weights in oneDNN (int32 accumulation), and the
-    result row is multiplied back by its scale. `block` output steps at a time (bounded memory, cache-sized passes)."""
-    def __init__(self, conv: nn.Conv1d, post: nn.Module, block: int = 4096):
-        super().__init__()
-        if not _plain_conv(conv): raise ConfigError(f"Int8WindowConv needs an unpadded, undilated, ungrouped Conv1d, got {conv}")
-        w = conv.weight.detach().float()                                     # (C_out, C_in, k)
-        self.out_channels, self.in_channels, self.k = w.shape
-        self.s, self.block, self.post = conv.stride[0], int(block), post
-        # the windows' GEMM: column j·C_in + c holds w[:, c, j]; the bias is added after the row's scale
-        self.gemm = Int8Linear(w.permute(0, 2, 1).reshape(self.out_channels, -1))
-        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().float().clone())
-    def forward(self, x):                                                     # (T_in, C_in) -> (T_out, C_out)
-        x = x.float().contiguous(); k, s, c = self.k, self.s, self.in_channels
-        t_out = (x.shape[0] - k) // s + 1
-        if t_out < 1: raise DataError(f"{x.shape[0]} frames are fewer than the kernel ({k})")
-        amax = torch.maximum(x.amax(1), x.amin(1).neg_())                    # each frame's |max|
-        if not bool(torch.isfinite(amax).all()): raise DataError(_NONFINITE)
-        sig = (amax.unfold(0, k, s).amax(1) / 127).clamp_min_(1e-30)          # one scale per output step
-        inv = sig.reciprocal()
-        win = x.as_strided((t_out, k * c), (s * c, 1))
-        out = x.new_empty(t_out, self.out_channels)
-        buf = x.new_empty(min(self.block, t_out), k * c)
-        for t0 in range(0, t_out, self.block):
-            t1 = min(t_out, t0 + self.block)
-            q = _u8_codes(torch.quantize_per_tensor(torch.mul(win[t0:t1], inv[t0:t1, None], out=buf[:t1 - t0]), 1.0, 128, torch.quint8))
-            y = torch.mul(self.gemm.matmul_q(q, 1.0, 128), sig[t0:t1, None], out=out[t0:t1])
-            if self.bias is not None: y.add_(self.bias)
-            self.post(y)
-        return out
-    def extra_repr(self): return f"{self.in_channels}, {self.out_channels}, kernel={self.k}, stride={self.s}, int8, one scale per output step"
-
-class Wav2Vec2Int8Encoder(nn.Module):
-    """Drop-in for a Wav2Vec2 feature encoder: `FirstConvGemm` then `Int8WindowConv` layers, all on time-major frames.
-    `(B, L)` waveforms -> `(B, C, T)`, a channels-first view of time-major memory (what the model transposes next)."""
-    def __init__(self, encoder: nn.Module, block: int = 4096):
-        super().__init__()
-        layers = list(encoder.conv_layers)
-        self.first = FirstConvGemm(layers[0])
-        for l in layers[1:]:
-            if not (_plain_conv(l.conv) and isinstance(getattr(l, "layer_norm", None), (nn.LayerNorm, type(None)))):
-                raise ConfigError(f"unsupported conv encoder layer: {l}")
-        self.layers = nn.ModuleList(Int8WindowConv(l.conv, _NormAct(getattr(l, "layer_norm", None), l.activation), block) for l in layers[1:])
-    def forward(self, input_values):
-        outs = []
-        for x in input_values:                     # one waveform at a time: its scales are its own
-            h = self.first(x)
-            for m in self.layers: h = m(h)
-            outs.append(h)
-        return torch.stack(outs).transpose(1, 2)
-
-def quantize_wav2vec2(model: nn.Module) -> dict:
-    """In place, for CPU inference: every `nn.Linear` -> `Int8Linear` (the feed-forward's first one with its exact
-    GELU fused); the conv feature encoder -> `Wav2Vec2Int8Encoder`; the positional conv -> `FFTConv1d`. Returns what
-    was converted. (Bake the positional conv's weight norm, `bake_weight_norm`, *before* copying a model to quantise:
-    PyTorch's parametrised classes are shared between deep copies, and removing the parametrisation from one copy
-    breaks the other.)"""
-    if not int8_supported(): raise ConfigError("the int8 path needs an x86 CPU with AVX2 and PyTorch built with oneDNN; use precision='fp32'")
-    fused = 0
-    for mod in model.modules():                 # Wav2Vec2FeedForward: intermediate_dense -> intermediate_act_fn
-        if isinstance(getattr(mod, "intermediate_dense", None), nn.Linear) and _is_exact_gelu(getattr(mod, "intermediate_act_fn", None)):
-            mod.intermediate_dense = Int8Linear.from_linear(mod.intermediate_dense, "gelu")
-            mod.intermediate_act_fn = nn.Identity(); fused += 1
-    info = {"linears": fused + linears_to_int8(model), "gelu_fused": fused}
-    model.feature_extractor = Wav2Vec2Int8Encoder(model.feature_extractor)
-    pe = model.encoder.pos_conv_embed
-    pe.conv = FFTConv1d(pe.conv)
-    return {**info, "conv_layers_int8": len(model.feature_extractor.layers), "pos_conv": "fft"}
-
-# %% ../nbs/03_audio.ipynb #cell-30
+# %% ../nbs/03_audio.ipynb #cell-19
 class AudioExtractor:
     """Frozen Wav2Vec2: `features(wave)` -> (times (N,), vectors (N, D) float32); `extract(wave, grid)` -> (T, D).
     `layer` is a hidden-state index (-1 = last; 0 = the transformer's input after the positional convolution)."""
@@ -550,26 +136,13 @@ class AudioExtractor:
         self.group_norm = cfg.feat_extract_norm == "group"
         self.dim, self.num_layers = int(cfg.hidden_size), int(cfg.num_hidden_layers)
         if not -(self.num_layers + 1) <= layer <= self.num_layers:
-            raise ConfigError(f"layer {layer} out of range for {self.backbone} ({self.num_layers} transformer layers: -{self.num_layers + 1}..{self.num_layers})")
+            raise ConfigError(f"layer {layer} out of range for {self.backbone} ({self.num_layers} transformer layers: "
+                              f"-{self.num_layers + 1}..{self.num_layers})")
         self.layer = layer % (self.num_layers + 1)
-        self.precision_used = resolve_precision(precision, self.device, int8=True)
-        self.int8_check = None
-        if self.precision_used == "int8":  # quantise a copy; keep it only if the probe agrees with fp32 (see above)
-            bake_weight_norm(model)                 # exact; before the copy (see quantize_wav2vec2)
-            qm = copy.deepcopy(model); info = quantize_wav2vec2(qm)
-            self.int8_check = {**int8_check(model, qm, int8_probe_wave(self.sr), self.do_normalize,
-                                          None if self.layer == self.num_layers else self.layer), **info,
-                               "min_required": INT8_MIN_COSINE, "probe": "int8_probe_wave, 2 s", "layer": self.layer}
-            if self.int8_check["cosine_min"] >= INT8_MIN_COSINE: model = qm
-            else:
-                warnings.warn(f"{self.backbone}: int8 features reach only cosine {self.int8_check['cosine_min']:.4f} "
-                              f"(< {INT8_MIN_COSINE}) to fp32 on the probe signal; running fp32 instead", stacklevel=2)
-                self.precision_used = "fp32"
-            del qm
-        if self.precision_used == "bf16":  # first conv + its (group) norm stay in fp32, see above
-            model.feature_extractor.conv_layers[0] = Float32Island(model.feature_extractor.conv_layers[0])
-            bake_weight_norm(model)
-            cast_matmul_weights(model, torch.bfloat16)
+        # the reference model, swapped for the CPU fast path that `precision` asks for ('fp32': kept as it is)
+        model, self.precision_used, self.int8_check = accelerate_wav2vec2(
+            model, precision, self.device, sr=self.sr, do_normalize=self.do_normalize, layer=self.layer,
+            name=self.backbone)
         self.model = model.to(self.device)
         if chunk_s <= 0 or overlap_s < 0 or overlap_s >= chunk_s:
             raise ConfigError(f"need chunk_s > overlap_s >= 0, got chunk_s={chunk_s}, overlap_s={overlap_s}")
@@ -579,8 +152,8 @@ class AudioExtractor:
         self.batch_size = batch_size or (8 if self.device.type == "cuda" else 1)
 
     def __repr__(self):
-        return (f"AudioExtractor({self.backbone!r}, layer={self.layer}, dim={self.dim}, precision_used={self.precision_used!r}, "
-                f"device={str(self.device)!r}, weights_id={self.weights_id!r})")
+        return (f"AudioExtractor({self.backbone!r}, layer={self.layer}, dim={self.dim}, "
+                f"precision_used={self.precision_used!r}, device={str(self.device)!r}, weights_id={self.weights_id!r})")
 
     def describe(self) -> dict:
         "Everything that determines the features (for manifests and cache keys)."
@@ -594,51 +167,57 @@ class AudioExtractor:
         "Centre time (s) of vectors 0..n-1: (i·hop + receptive_field/2) / sr."
         return (np.arange(n_vectors) * self.hop + self.receptive_field / 2) / self.sr
 
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        "(B, L) equal-length chunks -> (B, n, D) float32. Never gets an attention mask (no padding exists)."
-        if self.precision_used == "int8" and len(x) > 1:   # one chunk per call: its scales depend on that chunk alone
-            return torch.cat([self._encode(x[i:i + 1]) for i in range(len(x))])
-        if self.do_normalize:
-            x = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + 1e-7)
-        last = self.layer == self.num_layers
-        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision_used == "bf16" else contextlib.nullcontext()
-        with ctx:
-            out = self.model(x, output_hidden_states=not last)
-        h = out.last_hidden_state if last else out.hidden_states[self.layer]
-        return h.float()
+# %% ../nbs/03_audio.ipynb #cell-21
+@patch
+def _encode(self: AudioExtractor, x: torch.Tensor) -> torch.Tensor:
+    "(B, L) equal-length chunks -> (B, n, D) float32. Never gets an attention mask (no padding exists)."
+    if self.precision_used == "int8" and len(x) > 1:   # one chunk per call: its scales depend on that chunk alone
+        return torch.cat([self._encode(x[i:i + 1]) for i in range(len(x))])
+    if self.do_normalize:
+        x = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + 1e-7)
+    last = self.layer == self.num_layers
+    bf16 = self.precision_used == "bf16"
+    with torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+        out = self.model(x, output_hidden_states=not last)
+    h = out.last_hidden_state if last else out.hidden_states[self.layer]
+    return h.float()
 
-    def features(self, wave) -> tuple[np.ndarray, np.ndarray]:
-        "Vectors of a mono waveform at `sr`: (centre times (N,) float64 s, features (N, D) float32)."
-        x = np.asarray(wave.numpy() if isinstance(wave, torch.Tensor) else wave, dtype=np.float32)
-        if x.ndim != 1: raise DataError(f"audio must be a mono waveform of shape (N,), got {x.shape}")
-        if x.size == 0: raise DataError("audio is empty (0 samples)")
-        if not np.isfinite(x).all(): raise DataError("audio contains NaN or Inf samples")
-        if x.size < self.receptive_field: x = np.pad(x, (0, self.receptive_field - x.size))
-        bounds = chunk_bounds(x.size, self.chunk, self.overlap, self.hop)
-        if len(bounds) > 1 and self.overlap < self.receptive_field:
-            raise ConfigError(f"overlap_s={self.overlap_s} is shorter than the receptive field ({self.receptive_field / self.sr * 1000:.0f} ms)")
-        keeps = stitch_keep(bounds, self.kernels, self.strides)
-        n = conv_out_len(x.size, self.kernels, self.strides)
-        feats = np.empty((n, self.dim), np.float32)  # filled in place: peak memory = one copy of the output + one batch
-        filled = 0
-        with torch.inference_mode():
-            i = 0
-            while i < len(bounds):  # batch consecutive chunks of equal length
-                L = bounds[i][1] - bounds[i][0]; j = i
-                while j < len(bounds) and j - i < self.batch_size and bounds[j][1] - bounds[j][0] == L: j += 1
-                batch = torch.from_numpy(np.stack([x[a:b] for a, b in bounds[i:j]])).to(self.device)
-                h = self._encode(batch).cpu().numpy()
-                for r, k in enumerate(range(i, j)):
-                    g0, keep = keeps[k]
-                    idx = g0 + np.flatnonzero(keep)
-                    assert len(idx) == 0 or idx[0] == filled, (idx[:1], filled)
-                    feats[idx] = h[r][keep]; filled += len(idx)
-                i = j
-        assert filled == n, (filled, n)
-        return self.times(n), feats
+@patch
+def features(self: AudioExtractor, wave) -> tuple[np.ndarray, np.ndarray]:
+    "Vectors of a mono waveform at `sr`: (centre times (N,) float64 s, features (N, D) float32)."
+    x = np.asarray(wave.numpy() if isinstance(wave, torch.Tensor) else wave, dtype=np.float32)
+    if x.ndim != 1: raise DataError(f"audio must be a mono waveform of shape (N,), got {x.shape}")
+    if x.size == 0: raise DataError("audio is empty (0 samples)")
+    if not np.isfinite(x).all(): raise DataError("audio contains NaN or Inf samples")
+    if x.size < self.receptive_field: x = np.pad(x, (0, self.receptive_field - x.size))
+    bounds = chunk_bounds(x.size, self.chunk, self.overlap, self.hop)
+    if len(bounds) > 1 and self.overlap < self.receptive_field:
+        raise ConfigError(f"overlap_s={self.overlap_s} is shorter than the receptive field "
+                          f"({self.receptive_field / self.sr * 1000:.0f} ms)")
+    keeps = stitch_keep(bounds, self.kernels, self.strides)
+    n = conv_out_len(x.size, self.kernels, self.strides)
+    feats = np.empty((n, self.dim), np.float32)  # filled in place: peak memory = one copy of the output + one batch
+    filled = 0
+    with torch.inference_mode():
+        i = 0
+        while i < len(bounds):  # batch consecutive chunks of equal length
+            L = bounds[i][1] - bounds[i][0]; j = i
+            while j < len(bounds) and j - i < self.batch_size and bounds[j][1] - bounds[j][0] == L: j += 1
+            batch = torch.from_numpy(np.stack([x[a:b] for a, b in bounds[i:j]])).to(self.device)
+            h = self._encode(batch).cpu().numpy()
+            for r, k in enumerate(range(i, j)):
+                g0, keep = keeps[k]
+                idx = g0 + np.flatnonzero(keep)
+                assert len(idx) == 0 or idx[0] == filled, (idx[:1], filled)
+                feats[idx] = h[r][keep]; filled += len(idx)
+            i = j
+    assert filled == n, (filled, n)
+    return self.times(n), feats
 
-    def extract(self, wave, grid) -> np.ndarray:
-        "(T, D) float32: the vectors averaged per step of `grid` (an `avar_net.data.TimeGrid`)."
-        from avar_net.data import pool_to_grid  # imported here: data is the one owner of the grid logic
-        times, feats = self.features(wave)
-        return pool_to_grid(times, feats, grid)
+# %% ../nbs/03_audio.ipynb #cell-23
+@patch
+def extract(self: AudioExtractor, wave, grid) -> np.ndarray:
+    "(T, D) float32: the vectors averaged per step of `grid` (an `avar_net.data.TimeGrid`)."
+    from avar_net.data import pool_to_grid  # imported here: data is the one owner of the grid logic
+    times, feats = self.features(wave)
+    return pool_to_grid(times, feats, grid)

@@ -90,7 +90,7 @@ def machine_info(device: str = "cpu") -> dict:
 def roofline_sizes(n: int = 2048, device: str = "cpu") -> dict:
     """Matrix sizes of the two roofline matmuls. Without native bf16 a CPU emulates it some 100x slower than fp32
     (a 2048³ product took 60 s on the AVX2 EPYC), so its bf16 matmul shrinks to 256³: still a rate, in seconds."""
-    from avar_net.audio import resolve_precision         # 'auto' picks bf16 exactly where the hardware has it
+    from avar_net.fast_backbones import resolve_precision  # 'auto' picks bf16 exactly where the hardware has it
     nat = resolve_precision("auto", device) == "bf16"
     i8 = resolve_precision("auto", device, int8=True) == "int8"   # the int8 paths run here: measure that roofline too
     return {"n": int(n), "bf16_n": int(n) if nat else min(int(n), 256), "bf16_native": nat, "int8_path": i8}
@@ -107,7 +107,7 @@ def matmul_fns(n: int = 2048, device: str = "cpu", bf16_n: int | None = None, in
             with torch.inference_mode(): return a @ b
         fns[key] = f
     if int8:
-        from avar_net.audio import Int8Linear
+        from avar_net.fast_backbones import Int8Linear
         lin, x = Int8Linear(torch.randn(n, n, generator=g)), torch.randn(n, n, generator=g)
         def f8(lin=lin, x=x):
             with torch.inference_mode(): return lin(x)

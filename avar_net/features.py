@@ -65,7 +65,7 @@ class FeatureConfig:
             raise ConfigError(f"frames_per_step must be a positive integer, got {self.frames_per_step!r}")
         if self.size is not None and (int(self.size) != self.size or self.size < 8): raise ConfigError(f"size must be None or an integer >= 8, got {self.size!r}")
         if self.sr <= 0: raise ConfigError(f"sr must be > 0, got {self.sr!r}")
-        from avar_net.audio import PRECISIONS
+        from avar_net.fast_backbones import PRECISIONS
         if self.precision not in PRECISIONS: raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.pipeline not in ("auto", "thread", "loader"): raise ConfigError(f"pipeline must be auto, thread or loader, got {self.pipeline!r}")
         if self.decode_timeout_s <= 0: raise ConfigError(f"decode_timeout_s must be > 0, got {self.decode_timeout_s!r}")

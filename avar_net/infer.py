@@ -36,7 +36,7 @@ class Predictor:
                               "(avar-net import-xd); predicting from video needs those extractors, which avar_net does not have")
         fc = {**f["config"], "device": str(self.device)}
         if fc.get("precision") == "int8":       # trained on int8 features: keep int8 where it runs, else the auto path
-            from avar_net.audio import int8_supported
+            from avar_net.fast_backbones import int8_supported
             if self.device.type != "cpu" or not int8_supported(): fc["precision"] = "auto"
         self.feature_cfg = FeatureConfig.from_dict(fc)
         self.extractors = extractors or build_extractors(self.feature_cfg)

@@ -4,33 +4,33 @@
 
 # %% ../nbs/04_video.ipynb #cell-3
 from __future__ import annotations
-import json, math, copy, warnings, contextlib
+import json, math, contextlib
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np
+from fastcore.basics import patch
 from .core import ConfigError, WeightsError, DataError, sha256_file, auto_device
-from .audio import (parse_weight_spec, resolve_precision, fetch_hub_files, pick_weight_file, load_state_file,
-                            random_init, cast_matmul_weights, _quiet_transformers, int8_supported, Int8Linear,
-                            calibrate_int8, linears_to_int8, feature_agreement, INT8_MIN_COSINE)
+from .weights import (parse_weight_spec, fetch_hub_files, fetch_hint, pick_weight_file, load_state_file,
+                              random_init, quiet_transformers)
+from .fast_backbones import accelerate_mobilevit, MOBILEVIT_INT8_SCHEME
 import torch
 from torch import nn
-import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
-from timm.models.mobilevit import MobileVitBlock
 
 # %% auto #0
-__all__ = ['INT8_RANGE_MARGIN', 'MOBILEVIT_INT8_SCHEME', 'TIMM_ARCHS', 'HF_REPOS', 'BACKENDS', 'Preprocess', 'fold_batchnorm',
-           'MobileVitBlockNHWC', 'use_nhwc_unfold', 'mobilevit_probe_frames', 'quantize_mobilevit',
-           'load_timm_mobilevit', 'tiny_mobilevit_config', 'init_like_cvnets', 'load_hf_mobilevit', 'VideoExtractor']
+__all__ = ['TIMM_ARCHS', 'HF_REPOS', 'BACKENDS', 'Preprocess', 'load_timm_mobilevit', 'tiny_mobilevit_config', 'init_like_cvnets',
+           'load_hf_mobilevit', 'VideoExtractor']
 
-# %% ../nbs/04_video.ipynb #cell-6
+# %% ../nbs/04_video.ipynb #cell-7
 _INTERP = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "bilinear", 5: "bilinear"}  # PIL resample codes
 _TV_MODES = {"nearest": TF.InterpolationMode.NEAREST, "bilinear": TF.InterpolationMode.BILINEAR,
              "bicubic": TF.InterpolationMode.BICUBIC}
 
+# %% ../nbs/04_video.ipynb #cell-8
 @dataclass(frozen=True)
 class Preprocess:
-    "uint8 RGB (N,3,H,W) -> float (N,3,S,S): resize shorter side to `resize`, centre-crop `input_size`, scale, [flip to BGR], normalise."
+    """uint8 RGB (N,3,H,W) -> float (N,3,S,S): resize shorter side to `resize`, centre-crop `input_size`, scale,
+    [flip to BGR], normalise."""
     input_size: int
     resize: int|None              # shorter side before the crop (None: no resize)
     interpolation: str = "bicubic"
@@ -43,7 +43,8 @@ class Preprocess:
     def from_timm(cls, cfg: dict) -> "Preprocess":
         "From a timm `pretrained_cfg` (or `timm.data.resolve_data_config` output)."
         size = int(cfg["input_size"][-1]); crop_pct = float(cfg.get("crop_pct") or 1.0)
-        if cfg.get("crop_mode", "center") != "center": raise ConfigError(f"crop_mode {cfg.get('crop_mode')!r} is not supported (only 'center')")
+        if cfg.get("crop_mode", "center") != "center":
+            raise ConfigError(f"crop_mode {cfg.get('crop_mode')!r} is not supported (only 'center')")
         interp = cfg.get("interpolation", "bicubic")
         if interp not in _TV_MODES: interp = "bicubic"  # timm's 'random'/'lanczos' choices: bicubic (ours)
         return cls(size, math.floor(size / crop_pct), interp, tuple(cfg["mean"]), tuple(cfg["std"]))
@@ -59,7 +60,8 @@ class Preprocess:
         short = side(pp.get("size"), "shortest_edge") if pp.get("do_resize", True) else None
         if crop is None and short is None: raise ConfigError("preprocessor config has neither a resize nor a crop size")
         norm = bool(pp.get("do_normalize", False))
-        return cls(input_size=crop or short, resize=short, interpolation=_INTERP.get(int(pp.get("resample", 2)), "bilinear"),
+        return cls(input_size=crop or short, resize=short,
+                   interpolation=_INTERP.get(int(pp.get("resample", 2)), "bilinear"),
                    mean=tuple(pp.get("image_mean", (0.0,) * 3)) if norm else (0.0,) * 3,
                    std=tuple(pp.get("image_std", (1.0,) * 3)) if norm else (1.0,) * 3,
                    scale=float(pp.get("rescale_factor", 1 / 255)) if pp.get("do_rescale", True) else 1.0,
@@ -82,110 +84,17 @@ class Preprocess:
             x = (x - x.new_tensor(self.mean).view(1, 3, 1, 1)) / x.new_tensor(self.std).view(1, 3, 1, 1)
         return x
 
-# %% ../nbs/04_video.ipynb #cell-9
-def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    s = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(bn.running_var + bn.eps)
-    shift = (bn.bias.detach() if bn.affine else 0) - bn.running_mean * s
-    out = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                    conv.groups, bias=True, padding_mode=conv.padding_mode).to(conv.weight.device, conv.weight.dtype)
-    with torch.no_grad():
-        out.weight.copy_(conv.weight * s.view(-1, 1, 1, 1))
-        out.bias.copy_(shift + (conv.bias * s if conv.bias is not None else 0))
-    return out.eval().requires_grad_(False)
-
-def fold_batchnorm(model: nn.Module) -> int:
-    """Fold eval-mode batch norms into their convolutions, in place, in timm `ConvNormAct` and transformers
-    `MobileViTConvLayer` blocks; returns how many were folded. For inference only."""
-    n = 0
-    for mod in list(model.modules()):
-        kind = type(mod).__name__
-        if kind == "ConvNormAct" and isinstance(mod.conv, nn.Conv2d) and isinstance(mod.bn, nn.BatchNorm2d) \
-           and type(mod.bn).__name__ in ("BatchNorm2d", "BatchNormAct2d") and mod.bn.track_running_stats:
-            bn = mod.bn
-            mod.conv = _fold(mod.conv, bn)
-            mod.bn = nn.Sequential(getattr(bn, "drop", nn.Identity()), getattr(bn, "act", nn.Identity()))
-            n += 1
-        elif kind == "MobileViTConvLayer" and type(mod.normalization) is nn.BatchNorm2d and mod.normalization.track_running_stats:
-            mod.convolution = _fold(mod.convolution, mod.normalization); mod.normalization = None
-            n += 1
-    return n
-
-# %% ../nbs/04_video.ipynb #80e31565
-class MobileVitBlockNHWC(MobileVitBlock):
-    """timm's `MobileVitBlock` with its unfold and fold each done as one permute in channels-last order: the same
-    tokens in the same order, so the same numbers. Sides that are not a multiple of the patch run timm's forward."""
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ph, pw = self.patch_size
-        shortcut = x
-        x = self.conv_1x1(self.conv_kxk(x))
-        B, C, H, W = x.shape
-        if H % ph or W % pw: return super().forward(shortcut)     # timm interpolates such maps
-        nh, nw = H // ph, W // pw
-        # (B, C, H, W) -> (B, nh, ph, nw, pw, C) -> (B·ph·pw, nh·nw, C): timm's token order
-        t = x.permute(0, 2, 3, 1).reshape(B, nh, ph, nw, pw, C).permute(0, 2, 4, 1, 3, 5).reshape(B * ph * pw, nh * nw, C)
-        t = self.norm(self.transformer(t))
-        x = t.view(B, ph, pw, nh, nw, C).permute(0, 3, 1, 4, 2, 5).reshape(B, H, W, C).permute(0, 3, 1, 2)
-        x = self.conv_proj(x)
-        if self.conv_fusion is not None: x = self.conv_fusion(torch.cat((shortcut, x), dim=1))
-        return x
-
-def use_nhwc_unfold(model: nn.Module) -> int:
-    "Switch every timm `MobileVitBlock` in `model` to `MobileVitBlockNHWC`, in place; returns how many."
-    n = 0
-    for m in model.modules():
-        if type(m) is MobileVitBlock: m.__class__ = MobileVitBlockNHWC; n += 1
-    return n
-
-# %% ../nbs/04_video.ipynb #9d151b4c
-INT8_RANGE_MARGIN = 1.25   # calibrated activation ranges are widened this much about their centre
-# what the int8 features depend on, recorded in manifests and feature-cache keys: change it when the scheme changes
-MOBILEVIT_INT8_SCHEME = ("onednn linears of the transformer blocks: weights int8 7-bit per output channel; activations uint8, "
-                         f"one fixed scale per linear calibrated on mobilevit_probe_frames('calibrate'), range x{INT8_RANGE_MARGIN}; convolutions fp32")
-
-def mobilevit_probe_frames(kind: str = "check", size: int = 256) -> torch.Tensor:
-    """Fixed uint8 RGB frames (8, 3, size, size): smooth colour fields, a dark frame (in 'check': a dark scene with a
-    bright square), an overexposed frame, noise and a hard-edged pattern (a checkerboard in 'calibrate', stripes in
-    'check'). The two kinds are different draws."""
-    if kind not in ("calibrate", "check"): raise ValueError(f"kind must be 'calibrate' or 'check', got {kind!r}")
-    g = torch.Generator().manual_seed(11 if kind == "calibrate" else 23)
-    x = F.interpolate(torch.rand(8, 3, 4, 4, generator=g), size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
-    x = x + 0.03 * torch.randn(x.shape, generator=g)
-    x[4] *= 0.05                                                      # dark
-    if kind == "check": a, b = size // 4, 3 * size // 4; x[4, :, a:b, a:b] = 0.9   # ... with a bright square
-    x[5] = 0.88 + 0.12 * x[5]                                         # overexposed
-    x[6] = torch.rand(3, size, size, generator=g)                     # noise
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    cell = max(size // 16, 1)
-    pat = (yy // cell + xx // cell) % 2 if kind == "calibrate" else (xx // cell) % 2
-    x[7] = pat.float()[None] * torch.tensor([0.9, 0.6, 0.3])[:, None, None]
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
-
-def quantize_mobilevit(model: nn.Module) -> dict:
-    """In place, for CPU inference: every linear inside the transformer of a timm `MobileVitBlock` -> `Int8Linear`,
-    each MLP's first linear with its SiLU fused; convolutions stay fp32. Returns what was converted. Activation
-    scales are per call until `calibrate_int8` fixes them."""
-    if not int8_supported(): raise ConfigError("the int8 path needs an x86 CPU with AVX2 and PyTorch built with oneDNN; use precision='fp32'")
-    n = fused = 0
-    for blk in [m for m in model.modules() if isinstance(m, MobileVitBlock)]:
-        for mod in blk.transformer.modules():                        # timm Mlp: fc1 -> act -> drop -> norm -> fc2
-            if type(getattr(mod, "fc1", None)) is nn.Linear and type(getattr(mod, "act", None)) is nn.SiLU:
-                mod.fc1 = Int8Linear.from_linear(mod.fc1, "swish"); mod.act = nn.Identity(); fused += 1
-        n += linears_to_int8(blk.transformer)
-    return {"linears": n + fused, "swish_fused": fused}
-
-# %% ../nbs/04_video.ipynb #cell-12
+# %% ../nbs/04_video.ipynb #cell-11
 TIMM_ARCHS = ("mobilevit_s", "mobilevit_xs", "mobilevit_xxs")
-HF_REPOS = {"mobilevit_s": "apple/mobilevit-small", "mobilevit_xs": "apple/mobilevit-x-small", "mobilevit_xxs": "apple/mobilevit-xx-small"}
+HF_REPOS = {"mobilevit_s": "apple/mobilevit-small", "mobilevit_xs": "apple/mobilevit-x-small",
+            "mobilevit_xxs": "apple/mobilevit-xx-small"}
 BACKENDS = ("timm", "transformers")
 _TIMM_BY_WIDTH = {640: "mobilevit_s", 384: "mobilevit_xs", 320: "mobilevit_xxs"}
 _HF_RANDOM_PP = {"crop_size": 256, "do_center_crop": True, "do_flip_channel_order": True, "do_resize": True,
                  "resample": 2, "size": 288}  # apple/mobilevit-small's preprocessor_config.json
 
 def _how_to(repo: str, files: str, name: str, dest: str|None = None) -> callable:
-    dest = dest or f"~/models/{name}"
-    return lambda missing=None: (f"on a machine with internet run `huggingface-cli download {repo} {files} --local-dir {dest}` "
-                                 f"(`hf download` with the same arguments on huggingface_hub >= 1.0), "
-                                 f"bring {dest} to this machine and pass `--video-backbone {dest}` (VideoExtractor(backbone='{dest}'))")
+    return fetch_hint(repo, files, dest or f"~/models/{name}", "--video-backbone", "VideoExtractor")
 
 def _timm_create(arch: str, overlay: dict|None = None) -> nn.Module:
     import timm
@@ -198,64 +107,81 @@ def _timm_from_file(wfile: Path, label: str, arch: str|None, cfg_overlay: dict|N
     if arch is None:
         w = sd.get("final_conv.conv.weight")
         arch = _TIMM_BY_WIDTH.get(int(w.shape[0])) if w is not None else None
-        if arch is None: raise WeightsError(f"{wfile}: cannot tell which MobileViT these weights belong to; put timm's config.json (with 'architecture') beside them")
+        if arch is None: raise WeightsError(f"{wfile}: cannot tell which MobileViT these weights belong to; "
+                                            "put timm's config.json (with 'architecture') beside them")
     model = _timm_create(arch, cfg_overlay)
     try: res = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e: raise WeightsError(f"{wfile}: weights do not fit {arch} ({str(e).splitlines()[1].strip()[:200] if len(str(e).splitlines()) > 1 else e})") from e
+    except RuntimeError as e:
+        lines = str(e).splitlines()
+        raise WeightsError(f"{wfile}: weights do not fit {arch} "
+                           f"({lines[1].strip()[:200] if len(lines) > 1 else e})") from e
     if res.missing_keys or res.unexpected_keys:
-        raise WeightsError(f"{wfile}: weights do not fit {arch} (missing {res.missing_keys[:3]}, unexpected {res.unexpected_keys[:3]})")
+        raise WeightsError(f"{wfile}: weights do not fit {arch} (missing {res.missing_keys[:3]}, "
+                           f"unexpected {res.unexpected_keys[:3]})")
     sha = sha256_file(wfile)
     return model, arch, f"{label}@sha256:{sha}", sha
 
-def load_timm_mobilevit(backbone: str = "mobilevit_s"):
-    "`(model, arch, Preprocess, weights_id, sha256 | None)` for a timm backbone spec; model frozen, eval, pooled output."
+# %% ../nbs/04_video.ipynb #cell-13
+def _timm_hub(name: str, label: str):
+    "A timm model from the hub cache: `name` is a hub repo in timm's format or a timm model name."
     import timm
+    if "/" in name:  # a hub repo in timm's format: config.json names the architecture
+        files = fetch_hub_files(name, [("config.json",), ("model.safetensors", "pytorch_model.bin")],
+                                _how_to(name, "config.json model.safetensors", name.split("/")[-1].split(".")[0]))
+        cfg = json.loads(files["config.json"].read_text())
+        arch, overlay = cfg.get("architecture"), cfg.get("pretrained_cfg")
+        if not arch: raise WeightsError(f"{files['config.json']}: no 'architecture' key (not a timm model config)")
+        return _timm_from_file(files["model.safetensors"], label, arch, overlay)
+    if not timm.is_model(name.split(".")[0]): raise WeightsError(f"{name}: not a timm model name or hub repo")
+    pcfg = timm.models.get_pretrained_cfg(name)
+    repo = getattr(pcfg, "hf_hub_id", None) if pcfg is not None else None
+    if not repo: raise WeightsError(f"{name}: timm knows no hub weights for this name")
+    arch = name.split(".")[0]
+    files = fetch_hub_files(repo, [("model.safetensors", "pytorch_model.bin")],
+                            _how_to(repo, "model.safetensors config.json", arch))
+    return _timm_from_file(files["model.safetensors"], label, arch, None)
+
+def _timm_local(p: Path, label: str):
+    "A timm model from a local folder (with or without timm's config.json) or weight file."
+    names = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+    folder, wfile = (p, pick_weight_file(p, names)) if p.is_dir() else (p.parent, p)
+    if wfile is None:
+        raise WeightsError(f"{folder}: no model.safetensors or pytorch_model.bin; "
+                           + _how_to("timm/mobilevit_s.cvnets_in1k", "model.safetensors config.json", "mobilevit_s",
+                                     str(folder))())
+    arch = overlay = None
+    if (folder / "config.json").is_file():
+        cfg = json.loads((folder / "config.json").read_text())
+        if cfg.get("model_type") == "mobilevit":
+            raise WeightsError(f"{folder}: this is a transformers MobileViT folder; use backend='transformers'")
+        arch, overlay = cfg.get("architecture"), cfg.get("pretrained_cfg")
+    return _timm_from_file(wfile, label, arch, overlay)
+
+def load_timm_mobilevit(backbone: str = "mobilevit_s"):
+    "`(model, arch, Preprocess, weights_id, sha256 | None)` for a timm backbone spec; frozen, eval, pooled output."
     from avar_net.pretrain import resolve_backbone
-    spec = parse_weight_spec(resolve_backbone(backbone, "video"))   # 'synth-pretrained' names a folder in the user cache
+    spec = parse_weight_spec(resolve_backbone(backbone, "video"))   # 'synth-pretrained': a folder in the user cache
     if spec.is_random:
-        arch, overlay = ("mobilevit_s", None) if spec.kind == "random" else ("mobilevit_xxs", {"input_size": (3, 128, 128)})
+        arch, overlay = (("mobilevit_s", None) if spec.kind == "random"
+                         else ("mobilevit_xxs", {"input_size": (3, 128, 128)}))
         model = random_init(lambda: _timm_create(arch, overlay), spec.seed)
         wid, sha = f"{spec.kind}:{spec.seed}", None
-    elif spec.kind == "hub":
-        name = spec.name.removeprefix("hf-hub:")
-        if "/" in name:  # a hub repo in timm's format: config.json names the architecture
-            files = fetch_hub_files(name, [("config.json",), ("model.safetensors", "pytorch_model.bin")],
-                                    _how_to(name, "config.json model.safetensors", name.split("/")[-1].split(".")[0]))
-            cfg = json.loads(files["config.json"].read_text())
-            arch, overlay = cfg.get("architecture"), cfg.get("pretrained_cfg")
-            if not arch: raise WeightsError(f"{files['config.json']}: no 'architecture' key (not a timm model config)")
-            model, arch, wid, sha = _timm_from_file(files["model.safetensors"], spec.name, arch, overlay)
-        else:
-            if not timm.is_model(name.split(".")[0]): raise WeightsError(f"{name}: not a timm model name or hub repo")
-            pcfg = timm.models.get_pretrained_cfg(name)
-            repo = getattr(pcfg, "hf_hub_id", None) if pcfg is not None else None
-            if not repo: raise WeightsError(f"{name}: timm knows no hub weights for this name")
-            arch = name.split(".")[0]
-            files = fetch_hub_files(repo, [("model.safetensors", "pytorch_model.bin")], _how_to(repo, "model.safetensors config.json", arch))
-            model, arch, wid, sha = _timm_from_file(files["model.safetensors"], spec.name, arch, None)
-    else:
-        p = spec.path
-        folder, wfile = (p, pick_weight_file(p, ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"))) if p.is_dir() else (p.parent, p)
-        if wfile is None:
-            raise WeightsError(f"{folder}: no model.safetensors or pytorch_model.bin; " + _how_to("timm/mobilevit_s.cvnets_in1k", "model.safetensors config.json", "mobilevit_s", str(folder))())
-        arch = overlay = None
-        if (folder / "config.json").is_file():
-            cfg = json.loads((folder / "config.json").read_text())
-            if cfg.get("model_type") == "mobilevit": raise WeightsError(f"{folder}: this is a transformers MobileViT folder; use backend='transformers'")
-            arch, overlay = cfg.get("architecture"), cfg.get("pretrained_cfg")
-        model, arch, wid, sha = _timm_from_file(wfile, spec.name, arch, overlay)
+    elif spec.kind == "hub": model, arch, wid, sha = _timm_hub(spec.name.removeprefix("hf-hub:"), spec.name)
+    else: model, arch, wid, sha = _timm_local(spec.path, spec.name)
     pp = Preprocess.from_timm(model.pretrained_cfg)
     return model.eval().requires_grad_(False), arch, pp, wid, sha
 
+# %% ../nbs/04_video.ipynb #cell-16
 def tiny_mobilevit_config(**kw):
     "An xx-small transformers MobileViT config at 64 px (320-d pooled output)."
     from transformers import MobileViTConfig
-    return MobileViTConfig(**{**dict(image_size=64, hidden_sizes=[64, 80, 96], neck_hidden_sizes=[16, 16, 24, 48, 64, 80, 320],
-                                     expand_ratio=2.0), **kw})
+    return MobileViTConfig(**{**dict(image_size=64, hidden_sizes=[64, 80, 96],
+                                     neck_hidden_sizes=[16, 16, 24, 48, 64, 80, 320], expand_ratio=2.0), **kw})
 
 def init_like_cvnets(model: nn.Module) -> nn.Module:
-    """Re-initialise like CVNets/timm (convolutions kaiming-normal fan-out, norms 1/0, linears N(0, 0.02)). transformers
-    draws batch-norm scales from N(0, 0.02), which makes a randomly initialised MobileViT output ~1e-40 (ours)."""
+    """Re-initialise like CVNets/timm (convolutions kaiming-normal fan-out, norms 1/0, linears N(0, 0.02)).
+    transformers draws batch-norm scales from N(0, 0.02), which makes a randomly initialised MobileViT output ~1e-40
+    (ours)."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -277,30 +203,33 @@ def load_hf_mobilevit(backbone: str = "mobilevit_s"):
         model = random_init(lambda: init_like_cvnets(MobileViTModel(cfg)), spec.seed)
         return model.eval().requires_grad_(False), spec.kind, Preprocess.from_hf(pp), f"{spec.kind}:{spec.seed}", None
     groups = [("config.json",), ("model.safetensors", "pytorch_model.bin"), ("preprocessor_config.json",)]
+    files3 = "config.json model.safetensors preprocessor_config.json"
     if spec.kind == "hub":
         repo = HF_REPOS.get(spec.name, spec.name)
-        files = fetch_hub_files(repo, groups, _how_to(repo, "config.json model.safetensors preprocessor_config.json", repo.split("/")[-1]))
-        folder = files["config.json"].parent
+        folder = fetch_hub_files(repo, groups, _how_to(repo, files3, repo.split("/")[-1]))["config.json"].parent
     else:
         folder = spec.path if spec.path.is_dir() else spec.path.parent
         missing = [" or ".join(g) for g in groups if not any((folder / f).is_file() for f in g)]
-        if missing: raise WeightsError(f"{folder}: missing {', '.join(missing)} (a transformers MobileViT folder needs config.json, "
-                                       f"model.safetensors or pytorch_model.bin, and preprocessor_config.json); "
-                                       + _how_to("apple/mobilevit-small", "config.json model.safetensors preprocessor_config.json", "", str(folder))())
+        if missing: raise WeightsError(f"{folder}: missing {', '.join(missing)} (a transformers MobileViT folder "
+                                       "needs config.json, model.safetensors or pytorch_model.bin, and "
+                                       "preprocessor_config.json); "
+                                       + _how_to("apple/mobilevit-small", files3, "", str(folder))())
     wfile = pick_weight_file(folder)
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model, info = MobileViTModel.from_pretrained(folder, local_files_only=True, output_loading_info=True,
                                                          use_safetensors=wfile.suffix == ".safetensors")
     except (OSError, ValueError, RuntimeError) as e:
-        raise WeightsError(f"{folder}: cannot load MobileViT weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+        first = str(e).splitlines()[0][:200]
+        raise WeightsError(f"{folder}: cannot load MobileViT weights ({type(e).__name__}: {first})") from e
     bad = sorted(info.get("missing_keys", [])) + sorted(str(k) for k in info.get("mismatched_keys", []))
-    if bad: raise WeightsError(f"{wfile}: weights do not match the MobileViT in config.json (missing/mis-shaped: {', '.join(bad[:5])})")
+    if bad: raise WeightsError(f"{wfile}: weights do not match the MobileViT in config.json "
+                               f"(missing/mis-shaped: {', '.join(bad[:5])})")
     pp = Preprocess.from_hf(json.loads((folder / "preprocessor_config.json").read_text()))
     sha = sha256_file(wfile)
     return model.eval().requires_grad_(False), model.config.model_type, pp, f"{spec.name}@sha256:{sha}", sha
 
-# %% ../nbs/04_video.ipynb #cell-17
+# %% ../nbs/04_video.ipynb #cell-20
 class VideoExtractor:
     """Frozen MobileViT: `features(frames)` -> (N, D) float32 pooled features of uint8 RGB frames (N, 3, H, W);
     `extract(frame_times, frames, grid)` -> (T, D), the frames of each step averaged."""
@@ -315,87 +244,74 @@ class VideoExtractor:
         self.dim = int(model.num_features if backend == "timm" else model.config.neck_hidden_sizes[-1])
         self.input_size = int(self.preprocess.input_size)
         self.decode_size = int(self.preprocess.resize or self.input_size)
-        prec = resolve_precision(precision, self.device, int8=backend == "timm")
-        self._autocast = prec == "bf16"
-        self._fast = precision != "fp32"  # fp32 asked explicitly = the plain eager baseline
-        self.int8_check = None
-        if self._fast:
-            fold_batchnorm(model)
-            model = model.to(memory_format=torch.channels_last)
-            if backend == "timm": use_nhwc_unfold(model)
-            if self._autocast: cast_matmul_weights(model, torch.bfloat16)  # what autocast would cast on every call
-        if prec == "int8": model, prec = self._int8(model)
-        self.precision_used = prec + ("+channels_last" if self._fast else "")
+        # the reference model, swapped for the CPU fast path that `precision` asks for ('fp32': kept as it is)
+        model, self.precision_used, self.int8_check = accelerate_mobilevit(
+            model, precision, self.device, timm=backend == "timm", preprocess=self.preprocess, size=self.decode_size,
+            name=self.backbone)
+        self._fast = self.precision_used.endswith("+channels_last")   # any fast path: channels-last input
+        self._autocast = self.precision_used.startswith("bf16")
         self.model = model.to(self.device)
-        # frames per call through the stem and the first two stages (the 128 and 64 px ones), see "The fast CPU path"
-        if stem_batch is not None and int(stem_batch) < 0: raise ConfigError(f"stem_batch must be None (auto), 0 (off) or >= 1, got {stem_batch!r}")
+        # frames per call through the stem and the first two stages (the 128 and 64 px ones), see above
+        if stem_batch is not None and int(stem_batch) < 0:
+            raise ConfigError(f"stem_batch must be None (auto), 0 (off) or >= 1, got {stem_batch!r}")
         auto = 2 if (self._fast and not self._autocast and self.device.type == "cpu") else None
         self.stem_batch = (int(stem_batch) or None) if stem_batch is not None else auto
-        if self.stem_batch and not (backend == "timm" and all(hasattr(model, a) for a in ("stem", "stages", "final_conv"))):
+        split = backend == "timm" and all(hasattr(model, a) for a in ("stem", "stages", "final_conv"))
+        if self.stem_batch and not split:
             self.stem_batch = None                                # only timm's ByobNet layout is split
-
-    def _int8(self, model: nn.Module) -> tuple[nn.Module, str]:
-        "Quantise and calibrate a copy; keep it only if the check frames agree with fp32 (see \"The int8 path\")."
-        qm = copy.deepcopy(model); info = quantize_mobilevit(qm)
-        if info["linears"] == 0: return model, "fp32"             # no MobileViT transformer blocks: nothing to quantise
-        probe = lambda kind: self.preprocess(mobilevit_probe_frames(kind, self.decode_size)).contiguous(memory_format=torch.channels_last)
-        xc = probe("calibrate")
-        calibrated = calibrate_int8(qm, lambda: qm(xc), INT8_RANGE_MARGIN)
-        self.int8_check = {**feature_agreement(model, qm, probe("check")), **info, "calibrated": calibrated,
-                           "min_required": INT8_MIN_COSINE, "probe": "mobilevit_probe_frames('check'), 8 frames",
-                           "calibration": "mobilevit_probe_frames('calibrate'), 8 frames"}
-        if calibrated != info["linears"]:                          # an uncalibrated layer would make frames depend on their batch
-            warnings.warn(f"{self.backbone}: only {calibrated} of {info['linears']} int8 linears saw calibration data; running fp32 instead", stacklevel=3)
-            return model, "fp32"
-        if self.int8_check["cosine_min"] >= INT8_MIN_COSINE: return qm, "int8"
-        warnings.warn(f"{self.backbone}: int8 features reach only cosine {self.int8_check['cosine_min']:.4f} "
-                      f"(< {INT8_MIN_COSINE}) to fp32 on the check frames; running fp32 instead", stacklevel=3)
-        return model, "fp32"
 
     def __repr__(self):
         return (f"VideoExtractor({self.backbone!r}, backend={self.backend!r}, arch={self.arch!r}, dim={self.dim}, "
-                f"input_size={self.input_size}, precision_used={self.precision_used!r}, device={str(self.device)!r}, weights_id={self.weights_id!r})")
+                f"input_size={self.input_size}, precision_used={self.precision_used!r}, device={str(self.device)!r}, "
+                f"weights_id={self.weights_id!r})")
 
     def describe(self) -> dict:
         "Everything that determines the features (for manifests and cache keys)."
-        return dict(backbone=self.backbone, backend=self.backend, arch=self.arch, weights_id=self.weights_id, dim=self.dim,
-                    input_size=self.input_size, decode_size=self.decode_size, preprocess=asdict(self.preprocess),
-                    precision_used=self.precision_used, stem_batch=self.stem_batch,
+        return dict(backbone=self.backbone, backend=self.backend, arch=self.arch, weights_id=self.weights_id,
+                    dim=self.dim, input_size=self.input_size, decode_size=self.decode_size,
+                    preprocess=asdict(self.preprocess), precision_used=self.precision_used, stem_batch=self.stem_batch,
                     **({"int8_check": self.int8_check} if self.int8_check else {}),
                     **({"int8_scheme": MOBILEVIT_INT8_SCHEME} if self.precision_used.startswith("int8") else {}))
 
-    def _timm(self, x: torch.Tensor) -> torch.Tensor:
-        "timm MobileViT, pooled; the high-resolution front in micro-batches of `stem_batch` frames (same arithmetic)."
-        m, sb = self.model, self.stem_batch
-        if not sb or len(x) <= sb: return m(x)
-        front = lambda b: m.stages[:2](m.stem(b))
-        h = torch.cat([front(x[i:i + sb]) for i in range(0, len(x), sb)])
-        return m.forward_head(m.final_conv(m.stages[2:](h)))
+# %% ../nbs/04_video.ipynb #cell-22
+@patch
+def _timm(self: VideoExtractor, x: torch.Tensor) -> torch.Tensor:
+    "timm MobileViT, pooled; the high-resolution front in micro-batches of `stem_batch` frames (same arithmetic)."
+    m, sb = self.model, self.stem_batch
+    if not sb or len(x) <= sb: return m(x)
+    front = lambda b: m.stages[:2](m.stem(b))
+    h = torch.cat([front(x[i:i + sb]) for i in range(0, len(x), sb)])
+    return m.forward_head(m.final_conv(m.stages[2:](h)))
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fast: x = x.contiguous(memory_format=torch.channels_last)
-        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self._autocast else contextlib.nullcontext()
-        with ctx:
-            y = self._timm(x) if self.backend == "timm" else self.model(pixel_values=x).pooler_output
-        return y.float()
+@patch
+def _forward(self: VideoExtractor, x: torch.Tensor) -> torch.Tensor:
+    if self._fast: x = x.contiguous(memory_format=torch.channels_last)
+    ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self._autocast else contextlib.nullcontext()
+    with ctx:
+        y = self._timm(x) if self.backend == "timm" else self.model(pixel_values=x).pooler_output
+    return y.float()
 
-    def features(self, frames) -> np.ndarray:
-        "(N, D) float32 features of uint8 RGB frames (N, 3, H, W), in batches of `batch_size`."
-        x = torch.from_numpy(frames) if isinstance(frames, np.ndarray) else frames
-        if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
-            shape = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
-            raise DataError(f"frames must be a uint8 RGB tensor (N, 3, H, W), got {getattr(x, 'dtype', '?')} {shape}")
-        if len(x) == 0: return np.zeros((0, self.dim), np.float32)
-        out = []
-        with torch.inference_mode():
-            for i in range(0, len(x), self.batch_size):
-                b = x[i:i + self.batch_size]
-                if self.device.type == "cuda" and b.device.type == "cpu": b = b.pin_memory().to(self.device, non_blocking=True)
-                else: b = b.to(self.device)
-                out.append(self._forward(self.preprocess(b)).cpu())
-        return torch.cat(out).numpy()
+@patch
+def features(self: VideoExtractor, frames) -> np.ndarray:
+    "(N, D) float32 features of uint8 RGB frames (N, 3, H, W), in batches of `batch_size`."
+    x = torch.from_numpy(frames) if isinstance(frames, np.ndarray) else frames
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
+        shape = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
+        raise DataError(f"frames must be a uint8 RGB tensor (N, 3, H, W), got {getattr(x, 'dtype', '?')} {shape}")
+    if len(x) == 0: return np.zeros((0, self.dim), np.float32)
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(x), self.batch_size):
+            b = x[i:i + self.batch_size]
+            if self.device.type == "cuda" and b.device.type == "cpu":
+                b = b.pin_memory().to(self.device, non_blocking=True)
+            else: b = b.to(self.device)
+            out.append(self._forward(self.preprocess(b)).cpu())
+    return torch.cat(out).numpy()
 
-    def extract(self, frame_times, frames, grid) -> np.ndarray:
-        "(T, D) float32: features of the frames averaged per step of `grid` (an `avar_net.data.TimeGrid`)."
-        from avar_net.data import pool_to_grid
-        return pool_to_grid(np.asarray(frame_times, np.float64), self.features(frames), grid)
+# %% ../nbs/04_video.ipynb #cell-24
+@patch
+def extract(self: VideoExtractor, frame_times, frames, grid) -> np.ndarray:
+    "(T, D) float32: features of the frames averaged per step of `grid` (an `avar_net.data.TimeGrid`)."
+    from avar_net.data import pool_to_grid
+    return pool_to_grid(np.asarray(frame_times, np.float64), self.features(frames), grid)

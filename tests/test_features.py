@@ -10,7 +10,7 @@ import torch
 
 from avar_net.core import VAAR_CLASSES, ConfigError, DataError, sha256_file
 import avar_net.features as F
-from avar_net.video import MOBILEVIT_INT8_SCHEME
+from avar_net.fast_backbones import MOBILEVIT_INT8_SCHEME
 from avar_net.features import (FeatureConfig, FeatureStore, FeatureDataset, build_extractors, collate_features,
                                extract_clip, extract_dataset, clip_file, status_file)
 
@@ -330,9 +330,9 @@ def test_readers_refuse_a_missing_listed_file_unless_asked(mixed_root):
     with pytest.raises(ConfigError, match="missing must be"): read_vaar(mixed_root, missing="skip")
 
 
-@pytest.mark.skipif(not __import__("avar_net.audio", fromlist=["x"]).int8_supported(), reason="no oneDNN int8 kernels on this CPU")
+@pytest.mark.skipif(not __import__("avar_net.fast_backbones", fromlist=["x"]).int8_supported(), reason="no oneDNN int8 kernels on this CPU")
 def test_int8_schemes_are_part_of_the_cache_key(monkeypatch):
-    import avar_net.audio as au
+    import avar_net.fast_backbones as au
     monkeypatch.setattr(au, "cpu_supports_bf16", lambda: False)
     r8 = build_extractors(FeatureConfig(**{**TINY, "precision": "int8"})).resolved
     assert (r8["audio_precision"], r8["video_precision"]) == ("int8", "int8+channels_last")

@@ -128,7 +128,7 @@ def test_xd_predictor(tmp_path):
 
 
 def test_int8_trained_run_loads_where_int8_cannot_run(vaar_run, tmp_path, monkeypatch):
-    import avar_net.audio as au
+    import avar_net.fast_backbones as au
     run = tmp_path / "run"; shutil.copytree(vaar_run["run"], run)
     cfg = json.loads((run / "config.json").read_text())
     cfg["features"]["config"]["precision"] = "int8"

@@ -1,18 +1,13 @@
-"Tests of avar_net.video: preprocessing, weights, both backends (BGR), the fast path and pooling."
-import copy
+"Tests of avar_net.video: preprocessing, weights, both backends (BGR), batching, pooling (fast path elsewhere)."
 import socket
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-import avar_net.audio as au
-from avar_net.audio import random_init
+from avar_net.weights import random_init
 from avar_net.core import ConfigError, DataError, WeightsError, sha256_file
 from avar_net.data import TimeGrid
-import avar_net.video as av
-from avar_net.video import (Preprocess, VideoExtractor, fold_batchnorm, init_like_cvnets, tiny_mobilevit_config,
-                            MobileVitBlockNHWC)
+from avar_net.video import Preprocess, VideoExtractor, init_like_cvnets, tiny_mobilevit_config
 
 
 def frames(n=4, size=64, seed=0):
@@ -173,11 +168,13 @@ def test_hub_names_without_cache_offline(empty_hub_cache, no_network):
         VideoExtractor("mobilevit_s")
     msg = str(e.value)
     assert "HF_HUB_OFFLINE=1" in msg and "\n" not in msg
-    assert "huggingface-cli download timm/mobilevit_s.cvnets_in1k model.safetensors config.json --local-dir ~/models/mobilevit_s" in msg
+    assert ("huggingface-cli download timm/mobilevit_s.cvnets_in1k model.safetensors config.json "
+            "--local-dir ~/models/mobilevit_s") in msg
     assert "--video-backbone ~/models/mobilevit_s" in msg
     with pytest.raises(WeightsError, match="timm/mobilevit_xs.cvnets_in1k"):
         VideoExtractor("mobilevit_xs")
-    with pytest.raises(WeightsError, match="apple/mobilevit-small config.json model.safetensors preprocessor_config.json"):
+    with pytest.raises(WeightsError,
+                       match="apple/mobilevit-small config.json model.safetensors preprocessor_config.json"):
         VideoExtractor("mobilevit_s", backend="transformers")
     with pytest.raises(WeightsError, match="not a timm model"):
         VideoExtractor("resnet_nonexistent_xyz")
@@ -235,112 +232,7 @@ def test_transformers_local_missing_files(tmp_path):
         VideoExtractor(str(tmp_path), backend="transformers")
 
 
-# ---------------------------------------------------------------- the fast path
-
-def test_fold_batchnorm_is_exact():
-    import timm
-    m = timm.create_model("mobilevit_xxs", pretrained=False, num_classes=0).eval()
-    for b in m.modules():
-        if isinstance(b, nn.BatchNorm2d):
-            b.running_mean.normal_(0, 0.2); b.running_var.uniform_(0.5, 2.0)
-            b.weight.data.uniform_(0.5, 1.5); b.bias.data.normal_(0, 0.2)
-    f = copy.deepcopy(m)
-    assert fold_batchnorm(f) == sum(isinstance(b, nn.BatchNorm2d) for b in m.modules())
-    x = torch.rand(2, 3, 64, 64)
-    with torch.inference_mode(): torch.testing.assert_close(f(x), m(x), atol=1e-4, rtol=1e-4)
-    from transformers import MobileViTModel
-    h = random_init(lambda: init_like_cvnets(MobileViTModel(tiny_mobilevit_config())), 0).eval()
-    for b in h.modules():
-        if isinstance(b, nn.BatchNorm2d):
-            b.running_mean.normal_(0, 0.2); b.running_var.uniform_(0.5, 2.0); b.bias.data.normal_(0, 0.2)
-    hf = copy.deepcopy(h)
-    assert fold_batchnorm(hf) > 10
-    with torch.inference_mode():
-        torch.testing.assert_close(hf(pixel_values=x).pooler_output, h(pixel_values=x).pooler_output, atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("backend", ["timm", "transformers"])
-def test_fast_path_agrees_with_fp32(monkeypatch, backend):
-    monkeypatch.setattr(au, "cpu_supports_bf16", lambda: True)
-    fast = VideoExtractor("random-tiny", backend=backend, precision="auto")
-    ref = VideoExtractor("random-tiny", backend=backend, precision="fp32")
-    assert (fast.precision_used, ref.precision_used) == ("bf16+channels_last", "fp32")
-    fr = frames(6)
-    a, b = fast.features(fr), ref.features(fr)
-    assert a.dtype == np.float32 and cosine(a, b).min() > 0.99
-
-
-def test_precision_falls_back_without_bf16(monkeypatch):
-    monkeypatch.setattr(au, "cpu_supports_bf16", lambda: False)
-    monkeypatch.setattr(au, "int8_supported", lambda: False)   # neither bf16 nor int8 kernels: the fp32 fast path
-    vx = VideoExtractor("random-tiny", precision="auto")
-    assert vx.precision_used == "fp32+channels_last"  # fp32 maths, folded BN + channels-last layout
-    assert "int8_check" not in vx.describe() and "int8_scheme" not in vx.describe()
-    ref = VideoExtractor("random-tiny", precision="fp32")
-    fr = frames(3)
-    np.testing.assert_allclose(vx.features(fr), ref.features(fr), atol=1e-4)
-    assert VideoExtractor("random-tiny", precision="bf16").precision_used == "bf16+channels_last"  # explicit is honoured
-
-
-needs_int8 = pytest.mark.skipif(not au.int8_supported(), reason="no oneDNN int8 kernels on this CPU")
-
-
-def test_nhwc_unfold_is_exact(monkeypatch):
-    monkeypatch.setattr(au, "cpu_supports_bf16", lambda: False)
-    monkeypatch.setattr(au, "int8_supported", lambda: False)
-    vx = VideoExtractor("random-tiny", precision="auto")
-    blocks = [m for m in vx.model.modules() if isinstance(m, MobileVitBlockNHWC)]
-    assert len(blocks) == 3                                      # the fast path uses the channels-last unfold/fold
-    fr = frames(5)
-    a = vx.features(fr)
-    for b in blocks: b.__class__ = MobileVitBlockNHWC.__mro__[1]   # back to timm's own forward
-    np.testing.assert_allclose(vx.features(fr), a, atol=1e-6)    # same tokens, same numbers (bit-identical on x86)
-
-
-@needs_int8
-def test_int8_path_agrees_with_fp32_and_ignores_batch(monkeypatch):
-    monkeypatch.setattr(au, "cpu_supports_bf16", lambda: False)
-    vx = VideoExtractor("random-tiny", precision="auto", batch_size=8)
-    assert vx.precision_used == "int8+channels_last"
-    d = vx.describe()
-    assert d["int8_check"]["cosine_min"] >= au.INT8_MIN_COSINE and d["int8_check"]["linears"] == 36
-    assert d["int8_check"]["calibrated"] == 36 and d["int8_scheme"] == av.MOBILEVIT_INT8_SCHEME
-    lin = [m for m in vx.model.modules() if isinstance(m, au.Int8Linear)]
-    assert len(lin) == 36 and all(m.act_qparams is not None for m in lin)   # fixed scales everywhere
-    fr = frames(8)
-    fr[3] = fr[3] // 12                                          # one dark frame among bright ones
-    f8 = vx.features(fr)
-    f32 = VideoExtractor("random-tiny", precision="fp32").features(fr)
-    assert cosine(f8, f32).min() > 0.99 and np.abs(f8 - f32).max() > 0   # close to fp32, but really int8
-    alone = vx.features(fr[3:4])                                 # a frame's features do not depend on its batch
-    np.testing.assert_allclose(alone, f8[3:4], atol=1e-4)
-    vx.batch_size = 3
-    np.testing.assert_allclose(vx.features(fr), f8, atol=1e-4)
-    # the transformers backend has no int8 path: the fp32 fast path runs
-    assert VideoExtractor("random-tiny", backend="transformers", precision="auto").precision_used == "fp32+channels_last"
-
-
-
-@needs_int8
-def test_int8_is_not_claimed_without_transformer_blocks():
-    vx = VideoExtractor("random-tiny", precision="int8")
-    other = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()   # a timm model of another kind
-    m, prec = vx._int8(other)
-    assert m is other and prec == "fp32"                         # nothing quantised: no int8 label, no int8 cache key
-
-
-@needs_int8
-def test_int8_rejected_by_check_runs_fp32(monkeypatch):
-    monkeypatch.setattr(av, "INT8_MIN_COSINE", 1.01)             # no int8 model can pass: the fallback must run
-    with pytest.warns(UserWarning, match="running fp32 instead"):
-        vx = VideoExtractor("random-tiny", precision="int8")
-    assert vx.precision_used == "fp32+channels_last" and vx.describe()["int8_check"]["cosine_min"] < 1.01
-    assert "int8_scheme" not in vx.describe()
-    assert not any(isinstance(m, au.Int8Linear) for m in vx.model.modules())
-    fr = frames(3)
-    ref = VideoExtractor("random-tiny", precision="fp32").features(fr)
-    np.testing.assert_allclose(vx.features(fr), ref, atol=1e-4)
-
+# ---------------------------------------------------------------- batching
 
 def test_batching_does_not_change_features():
     fr = frames(7)
@@ -361,13 +253,3 @@ def test_extract_averages_the_frames_of_each_step():
     V = vx.extract(t, fr, grid)
     assert V.shape == (4, 320) and V.dtype == np.float32
     np.testing.assert_allclose(V, f.reshape(4, 2, -1).mean(1), atol=1e-5)
-
-
-def test_bf16_weights_stored_once_are_bit_identical_to_autocast(monkeypatch):
-    monkeypatch.setattr(au, "cpu_supports_bf16", lambda: True)
-    fast = VideoExtractor("random-tiny", precision="auto")
-    assert fast.model.stem.conv.weight.dtype == torch.bfloat16
-    plain = VideoExtractor("random-tiny", precision="auto")
-    plain.model.float()  # fp32 weights again: autocast casts them on every call
-    fr = frames(3)
-    np.testing.assert_array_equal(fast.features(fr), plain.features(fr))

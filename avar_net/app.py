@@ -74,7 +74,7 @@ def private_copy(data, suffix: str, stem: str = "upload") -> Iterator[Path]:
 # %% ../nbs/30_app.ipynb #71094188
 def analyse(predictor, path, limits: AppLimits, name: str | None = None, on_probe=None) -> dict:
     "Probe (time-limited), check the duration, predict and draw the timeline of video `path`: result + PNG bytes."
-    from avar_net.data import probe
+    from avar_net.decode import probe
     from avar_net.infer import plot_timeline
     path, name = Path(path), name or Path(path).name
     try:

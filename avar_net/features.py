@@ -15,8 +15,9 @@ from safetensors.torch import save as _st_save, load as _st_load
 from . import __version__
 from .core import (AvarError, ConfigError, DataError, DecodeError, atomic_write_bytes, atomic_write_json,
                            sha256_bytes, sha256_file, auto_device, git_commit, parse_shard)
-from .data import (TimeGrid, DecodeReport, pool_to_grid, probe, count_frames, iter_video_frames, decode_audio,
-                           read_vaar, read_xd, assign_clip_ids)
+from .data import TimeGrid, pool_to_grid, read_vaar, read_xd, assign_clip_ids
+from .decode import DecodeReport, probe, count_frames, iter_video_frames
+from .soundtrack import decode_audio
 
 # %% auto #0
 __all__ = ['FEATURE_FORMAT', 'XD_FPS', 'XD_FRAMES_PER_STEP', 'GOVERN_THREADS', 'FeatureConfig', 'Extractors', 'build_extractors',
@@ -971,7 +972,7 @@ def collate_features(items: Sequence[dict]) -> dict:
 # %% ../nbs/05_features.ipynb #cell-38
 def pipeline_overhead(paths: Sequence, extractors: Extractors, cfg: FeatureConfig, repeats: int = 5, warmup: int = 1) -> dict:
     "Median wall time of the full pipeline vs the backbones alone on pre-decoded input; ratio = pipeline / backbones."
-    from avar_net.data import decode_video_frames
+    from avar_net.decode import decode_video_frames
     ex = extractors
     pre = []
     for p in paths:

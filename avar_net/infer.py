@@ -97,7 +97,7 @@ class Predictor:
 
 # %% ../nbs/12_infer.ipynb #cell-9
 def _thumbnails(path, duration_s: float, n: int, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
-    from avar_net.data import decode_video_frames
+    from avar_net.decode import decode_video_frames
     fps = max(n / max(duration_s, 1e-3), 0.05)
     times, frames = decode_video_frames(path, fps, size)
     if len(times) == 0: raise DecodeError(path, "no frame decoded for the thumbnails")

@@ -35,7 +35,7 @@ def source_kind(source, fmt: str | None = None) -> str:
 def open_source(source, fmt: str | None = None, timeout_s: float = 10.0, options: dict | None = None):
     "Open `source` with PyAV (reads give up after `timeout_s` without data); every failure is a one-line `DecodeError`."
     import av
-    from avar_net.data import _AV_ERRORS, _reason
+    from avar_net.decode import _AV_ERRORS, _reason
     kind = source_kind(source, fmt)
     name = str(source)
     if kind == "file":
@@ -83,7 +83,7 @@ class _Connection:
     """One connection to a source: demux video and audio together, yield ('video', t, tensor, arrival) for sampled
     frames and ('audio', t, samples at sr, arrival) on one clock (t = 0 at the first video frame, plus `offset`)."""
     def __init__(self, container, sampler: FrameSampler, sr: int, offset: float, stats: dict, stop: threading.Event, name: str):
-        from avar_net.data import _video_stream, _audio_stream
+        from avar_net.decode import _video_stream, _audio_stream
         self.c, self.sampler, self.sr, self.offset, self.stats, self.stop = container, sampler, int(sr), float(offset), stats, stop
         self.vs = _video_stream(container, name)
         self.a_s = _audio_stream(container)
@@ -97,7 +97,7 @@ class _Connection:
 
     def _audio(self, frame, arrival) -> list:
         "Mono samples at `sr` of one decoded audio frame, placed on the clock; a jump in the audio timeline restarts the resampler."
-        from avar_net.data import _to_float_mono, StreamResampler
+        from avar_net.soundtrack import _to_float_mono, StreamResampler
         if frame.samples == 0 or not frame.sample_rate or frame.time is None: return []
         t, rate = float(frame.time) - self.origin, int(frame.sample_rate)
         x = _to_float_mono(frame, self.resamplers)
@@ -113,7 +113,7 @@ class _Connection:
         return [("audio", t_out + self.offset, y, arrival)]
 
     def items(self):
-        from avar_net.data import _AV_ERRORS
+        from avar_net.decode import _AV_ERRORS
         streams = [self.vs] + ([self.a_s] if self.a_s is not None else [])
         for packet in self.c.demux(streams):
             if self.stop.is_set(): return
@@ -409,7 +409,7 @@ def _put(self: Watcher, item) -> bool:
 @patch
 def _read(self: Watcher) -> None:
     "Reader thread: connect, decode, pace, and on a drop reconnect with exponential backoff; every outage becomes a gap."
-    from avar_net.data import _AV_ERRORS, _reason, _tag_rotation, _to_tensor, _timeline, _Budget
+    from avar_net.decode import _AV_ERRORS, _reason, _tag_rotation, _to_tensor, _timeline, _Budget
     offset, connected, down_since, tries, reason, last_t = 0.0, False, None, 0, "", 0.0
     try:
         while not self.stop.is_set():

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['write_xd_release', 'write_synthetic_features']
+__all__ = ['write_xd_release', 'write_synthetic_features', 'read_test_index', 'make_test_media']
 
 # %% ../nbs/18a_testing.ipynb #3391408a
 def write_xd_release(root, n_train: int = 12, n_test: int = 6, rgb_dim: int = 16, audio_dim: int = 8, T=(12, 24),
@@ -132,3 +132,143 @@ def write_synthetic_features(out_dir, n_per_class: int = 8, num_classes: int = 1
         atomic_write_text(root / "annotations.txt", "".join(line + "\n" for line in ann))
     write_manifest(out, info)
     return out
+
+# %% ../nbs/18a_testing.ipynb #49de3c38
+from fractions import Fraction
+from typing import Sequence
+import torch
+import av
+from .core import ConfigError
+
+_LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "quad", 6: "5.1", 8: "7.1", 12: "7.1.4", 16: "hexadecagonal"}
+_INDEX_LEVELS = 16 + 30 * np.arange(8)          # grey levels of the base-8 digits drawn by make_test_media
+
+def _index_image(i: int, h: int, w: int) -> np.ndarray:
+    "Frame `i` of `make_test_media`: three grey stripes with the base-8 digits of i, red marker top-left."
+    img = np.empty((h, w, 3), np.uint8)
+    bounds = np.linspace(0, w, 4).round().astype(int)
+    for s in range(3): img[:, bounds[s]:bounds[s + 1]] = _INDEX_LEVELS[(i // 8 ** s) % 8]
+    mh, mw = max(1, h // 4), max(1, w // 4)
+    if h >= 8 and w >= 8: img[:mh, :mw] = (255, 0, 0)
+    return img
+
+def read_test_index(frame) -> int:
+    "Inverse of the stripes drawn by `make_test_media`: source frame index shown by a decoded frame (CHW or HWC)."
+    x = frame.numpy() if isinstance(frame, torch.Tensor) else np.asarray(frame)
+    if x.ndim == 3 and x.shape[0] == 3 and x.shape[-1] != 3: x = x.transpose(1, 2, 0)
+    h, w = x.shape[:2]
+    g = x[h // 3: h - h // 3 or h].astype(np.float64).mean(axis=2)   # middle rows, grey
+    bounds = np.linspace(0, w, 4).round().astype(int)
+    idx = 0
+    for s in range(3):
+        a, b = bounds[s], bounds[s + 1]
+        m = g[:, a + (b - a) // 4: b - (b - a) // 4 or b].mean()
+        idx += int(np.clip(np.rint((m - 16) / 30), 0, 7)) * 8 ** s
+    return idx
+
+# %% ../nbs/18a_testing.ipynb #dc32bb43
+def _audio_array(x: np.ndarray, fmt: str) -> np.ndarray:
+    "Float samples (C, n) in [-1, 1] -> the ndarray PyAV wants for sample format `fmt` (planar or packed)."
+    base, planar = fmt.rstrip("p"), fmt.endswith("p")
+    if base == "u8": y = np.clip(np.rint(x * 127 + 128), 0, 255).astype(np.uint8)
+    elif base == "s16": y = np.clip(np.rint(x * 32767), -32768, 32767).astype(np.int16)
+    elif base == "s32": y = np.clip(np.rint(x * 2147483647.0), -2**31, 2**31 - 1).astype(np.int32)
+    elif base == "s64": y = np.rint(x * 2.0**62).astype(np.int64)
+    elif base == "flt": y = x.astype(np.float32)
+    elif base == "dbl": y = x.astype(np.float64)
+    else: raise ConfigError(f"unsupported sample format {fmt!r}")
+    return np.ascontiguousarray(y) if planar else np.ascontiguousarray(y.T.reshape(1, -1))
+
+_PLAIN_YUV = ("h264", "libx264", "mpeg4", "libvpx", "libvpx-vp9", "hevc", "mpeg2video")
+
+def _add_video(c, vcodec: str, fps, size, pix_fmt, frame_times, gop, rotation, rotate_tag):
+    "Video stream of `make_test_media` in container `c`; returns (stream, rate)."
+    w, h = size
+    rate = Fraction(fps).limit_denominator(100000)
+    opt = {"preset": "ultrafast", "crf": "10"} if vcodec in ("h264", "libx264") else {}
+    vs = c.add_stream(vcodec, rate=rate, options=opt)
+    vs.width, vs.height = w, h
+    vs.pix_fmt = pix_fmt or ("yuv420p" if vcodec in _PLAIN_YUV else vs.codec_context.codec.video_formats[0].name)
+    if vcodec not in ("h264", "libx264"): vs.bit_rate = 4_000_000        # keep the flat stripes readable
+    if frame_times is not None: vs.codec_context.time_base = Fraction(1, 1000)
+    if gop is not None: vs.codec_context.gop_size = gop
+    if rotation is not None: vs.set_display_rotation(rotation)
+    if rotate_tag is not None: vs.metadata["rotate"] = str(rotate_tag)
+    return vs, rate
+
+def _add_audio(c, acodec: str, sr: int, channels: int, sample_fmt):
+    "Audio stream of `make_test_media`; returns (stream, sample format, layout)."
+    layout = _LAYOUTS[channels]
+    a_s = c.add_stream(acodec, rate=sr, layout=layout)
+    fmt = sample_fmt or a_s.codec_context.codec.audio_formats[0].name
+    a_s.format = fmt
+    return a_s, fmt, layout
+
+# %% ../nbs/18a_testing.ipynb #543c91c6
+def _encode_video(c, vs, rate, duration_s: float, frame_times, h: int, w: int) -> None:
+    if frame_times is None:
+        n = max(1, int(round(duration_s * float(rate))))
+        pts_list, durs = list(range(n)), {i: 1 for i in range(n)}
+    else:
+        pts_list = [int(round(t * 1000)) for t in frame_times]
+        nxt = pts_list[1:] + [pts_list[-1] + int(round(1000 / float(rate)))]
+        durs = {p: q - p for p, q in zip(pts_list, nxt)}
+    for i, p in enumerate(pts_list):
+        f = av.VideoFrame.from_ndarray(_index_image(i, h, w), format="rgb24")
+        f.pts = p
+        for pk in vs.encode(f):
+            if frame_times is not None and pk.pts in durs: pk.duration = durs[pk.pts]
+            c.mux(pk)
+    for pk in vs.encode():
+        if frame_times is not None and pk.pts in durs: pk.duration = durs[pk.pts]
+        c.mux(pk)
+
+def _encode_audio(c, a_s, fmt: str, layout: str, sr: int, channels: int, duration_s: float, tone_hz: float,
+                  amplitude: float, channel_gains, waveform, audio_start_s: float, audio_duration_s) -> None:
+    if waveform is not None:
+        xs = np.asarray(waveform, np.float64)
+        xs = np.repeat(xs[None], channels, 0) if xs.ndim == 1 else xs
+        n = xs.shape[1]
+    else:
+        dur = duration_s - audio_start_s if audio_duration_s is None else audio_duration_s
+        n = int(round(dur * sr))
+        t = np.arange(n) / sr
+        x = amplitude * np.sin(2 * np.pi * tone_hz * (t + audio_start_s))
+        gains = np.ones(channels) if channel_gains is None else np.asarray(channel_gains, float)
+        xs = gains[:, None] * x[None]
+    fs = a_s.codec_context.frame_size or 1024
+    start = int(round(audio_start_s * sr))
+    for s in range(0, n, fs):
+        af = av.AudioFrame.from_ndarray(_audio_array(xs[:, s:s + fs], fmt), format=fmt, layout=layout)
+        af.sample_rate, af.pts = sr, start + s
+        for pk in a_s.encode(af): c.mux(pk)
+    for pk in a_s.encode(): c.mux(pk)
+
+# %% ../nbs/18a_testing.ipynb #ee168096
+def make_test_media(path, *, duration_s: float = 2.0, fps=25, size=(64, 48), vcodec: str = "h264",
+                    pix_fmt: str | None = None, acodec: str | None = "aac", sr: int = 48000, channels: int = 2,
+                    sample_fmt: str | None = None, tone_hz: float = 440.0, amplitude: float = 0.5,
+                    channel_gains: Sequence[float] | None = None, waveform: np.ndarray | None = None,
+                    audio_start_s: float = 0.0, audio_duration_s: float | None = None,
+                    frame_times: Sequence[float] | None = None, rotation: int | None = None,
+                    rotate_tag: int | None = None, gop: int | None = None, video: bool = True,
+                    format: str | None = None, faststart: bool = False) -> Path:
+    """Write a small media file with known content (frame index stripes, a tone) using PyAV; returns its path.
+    `size` is (width, height); `fps` may be a `Fraction`; `frame_times` (seconds) makes a variable-frame-rate stream;
+    `rotation` sets the display matrix (degrees counter-clockwise), `rotate_tag` the legacy `rotate` tag;
+    `waveform` (n,) or (channels, n) floats replaces the tone; `gop` sets the keyframe interval."""
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    opts = {"movflags": "faststart"} if faststart else {}
+    c = av.open(str(path), "w", format=format, options=opts)
+    try:
+        vs = a_s = None
+        if video: vs, rate = _add_video(c, vcodec, fps, size, pix_fmt, frame_times, gop, rotation, rotate_tag)
+        if acodec: a_s, fmt, layout = _add_audio(c, acodec, sr, channels, sample_fmt)
+        if vs is not None: _encode_video(c, vs, rate, duration_s, frame_times, h, w)
+        if a_s is not None:
+            _encode_audio(c, a_s, fmt, layout, sr, channels, duration_s, tone_hz, amplitude, channel_gains, waveform,
+                          audio_start_s, audio_duration_s)
+    finally:
+        c.close()
+    return path

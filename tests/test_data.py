@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from avar_net.core import VAAR_CLASSES, ConfigError, DataError
-from avar_net.data import (DecodeWarning, StreamResampler, TimeGrid, XD_CODES, count_frames,
-                           decode_audio, decode_video_frames, iter_video_frames, load_clip, make_test_media,
-                           parse_xd_annotations, parse_xd_name, pool_to_grid, probe, read_test_index, read_vaar,
-                           read_xd, read_xd_list, resize_crop, scan_vaar, split_records, write_splits, xd_frame_gt,
-                           xd_is_violent, xd_stem)
+from avar_net.data import (TimeGrid, XD_CODES, load_clip, parse_xd_annotations, parse_xd_name, pool_to_grid, read_vaar,
+                           read_xd, read_xd_list, scan_vaar, split_records, write_splits, xd_frame_gt, xd_is_violent,
+                           xd_stem)
+from avar_net.decode import DecodeWarning, count_frames, decode_video_frames, iter_video_frames, probe, resize_crop
+from avar_net.soundtrack import StreamResampler, decode_audio
+from avar_net.testing import make_test_media, read_test_index
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -209,7 +210,8 @@ def test_odd_and_tiny_frame_sizes(media):
 def test_resolution_change_mid_stream(media, tmp_path):
     "MPEG-TS segments concatenate byte-wise: 32x24 for 1 s, then 48x32; size=None keeps the first frame's size."
     a = make_test_media(tmp_path / "a.ts", size=(32, 24), acodec=None, fps=25, frame_times=[i / 25 for i in range(25)])
-    b = make_test_media(tmp_path / "b.ts", size=(48, 32), acodec=None, fps=25, frame_times=[1 + i / 25 for i in range(25)])
+    b = make_test_media(tmp_path / "b.ts", size=(48, 32), acodec=None, fps=25,
+                        frame_times=[1 + i / 25 for i in range(25)])
     p = tmp_path / "res.ts"; p.write_bytes(a.read_bytes() + b.read_bytes())
     t, f = decode_video_frames(p, 4, None)
     assert f.shape == (8, 3, 24, 32) and indices(f) == [int(x * 25) % 25 for x in t]
@@ -432,7 +434,8 @@ def test_vaar_round_trip(tmp_path, media):
 def test_vaar_labels_by_name_and_validation(tmp_path, media):
     root = _vaar(tmp_path / "v", media)
     def write(text): (root / "splits.csv").write_text(text)
-    write("clip,label,split\nAbuse/clip0.mp4,abuse,train\n\"Baby cry/clip1.mp4\",Baby cry,val\nPolice siren/clip0.mp4,8,test\n")
+    write("clip,label,split\nAbuse/clip0.mp4,abuse,train\n\"Baby cry/clip1.mp4\",Baby cry,val\n"
+          "Police siren/clip0.mp4,8,test\n")
     recs = read_vaar(root)
     assert [(r.label, r.label_name, r.split) for r in recs] == [(0, "Abuse", "train"), (1, "Baby cry", "val"),
                                                                 (8, "Police siren", "test")]
@@ -505,8 +508,8 @@ def test_xd_annotations_and_gt(tmp_path):
     assert ann == {"v1__#1_label_B1-0-0": [(3, 7), (20, 22), (33, 35)],
                    "v2__#00-01_00-02_label_B2-G-0": [(0, 5)],
                    "v3__#1_label_B6-0-0": [(10, 20), (30, 40), (50, 60), (70, 400)]}
-    names = ["v1__#1_label_B1-0-0.mp4", "n1__#1_label_A.mp4", "v3__#1_label_B6-0-0.mp4", "v2__#00-01_00-02_label_B2-G-0.mp4",
-             "n2__#1_label_A.mp4"]
+    names = ["v1__#1_label_B1-0-0.mp4", "n1__#1_label_A.mp4", "v3__#1_label_B6-0-0.mp4",
+             "v2__#00-01_00-02_label_B2-G-0.mp4", "n2__#1_label_A.mp4"]
     n_frames = [50, 17, 333, 16, 1]
     gt = xd_frame_gt(names, n_frames, ann)
     ref = official_gt(names, n_frames, ANNOTATIONS.splitlines())

@@ -12,8 +12,10 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from avar_net.core import AvarError, DecodeError
-from avar_net.data import (DecodeReport, DecodeWarning, TimeGrid, decode_audio, decode_video_frames, iter_video_frames,
-                           load_clip, make_test_media, pool_to_grid, probe, read_test_index, xd_frame_gt)
+from avar_net.data import TimeGrid, load_clip, pool_to_grid, xd_frame_gt
+from avar_net.decode import DecodeReport, DecodeWarning, decode_video_frames, iter_video_frames, probe
+from avar_net.soundtrack import decode_audio
+from avar_net.testing import make_test_media, read_test_index
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -222,7 +224,8 @@ def test_decode_time_limit(media):
         decode_audio(p, timeout_s=1e-4)
     # time spent by the consumer between chunks does not count against the decoder
     t0, n = time.monotonic(), 0
-    for _, x in iter_video_frames(media("g1.mp4", duration_s=2.0, fps=25, size=(32, 32)), 4, 16, chunk=2, timeout_s=1.0):
+    p = media("g1.mp4", duration_s=2.0, fps=25, size=(32, 32))
+    for _, x in iter_video_frames(p, 4, 16, chunk=2, timeout_s=1.0):
         time.sleep(0.3); n += len(x)
     assert n == 8 and time.monotonic() - t0 > 1.0
 
@@ -329,7 +332,8 @@ def test_xd_gt_properties(vids):
 # ----------------------------------------------------------------------------------------------------------------
 # hypothesis on real files: variable frame rate sampling
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(st.lists(st.integers(1, 400), min_size=1, max_size=12), st.sampled_from([3.0, 4.0, 10.0]))
 def test_vfr_sampling_property(tmp_path_factory, gaps_ms, fps):
     times = np.cumsum([0] + gaps_ms) / 1000.0

@@ -200,7 +200,7 @@ def mixed_root(synth_root, tmp_path_factory):
     return root
 
 
-@pytest.mark.filterwarnings("ignore::avar_net.data.DecodeWarning")
+@pytest.mark.filterwarnings("ignore::avar_net.decode.DecodeWarning")
 def test_mixed_good_and_bad_files_finishes(mixed_root, reference, ex, tmp_path, capsys):
     out = tmp_path / "f"
     s = extract_dataset(mixed_root, out, FeatureConfig(**TINY), progress=False, extractors=ex)
@@ -258,7 +258,7 @@ def test_two_shards_equal_one(reference, synth_root, ex, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ loader (GPU) path
-@pytest.mark.filterwarnings("ignore::avar_net.data.DecodeWarning")
+@pytest.mark.filterwarnings("ignore::avar_net.decode.DecodeWarning")
 @pytest.mark.parametrize("workers", [0, 2])
 def test_loader_pipeline_on_cpu(mixed_root, reference, ex, workers, tmp_path):
     "The DataLoader path (decoding workers, frames batched across clips) gives the thread path's features."

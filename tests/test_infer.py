@@ -66,7 +66,7 @@ def test_predict_matches_cached_features(vaar_run, predictor):
 
 def test_clip_without_audio(vaar_run, predictor, tmp_path):
     from avar_net.synth import write_mp4
-    from avar_net.data import decode_video_frames, probe
+    from avar_net.decode import decode_video_frames, probe
     clip = sorted(vaar_run["root"].glob("*/*.mp4"))[0]
     _, frames = decode_video_frames(clip, 10, None)
     mute = tmp_path / "mute.mp4"

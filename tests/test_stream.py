@@ -52,7 +52,7 @@ def test_alerts_overlap_annotated_anomalies(xd, tmp_path):
     for g in gt: assert any(_overlap(a, g) > 0 for a in alerts), (alerts, gt)                  # every anomaly is alerted
     inside = sum(_overlap(a, g) for a in alerts for g in gt) / sum(a[1] - a[0] for a in alerts)
     assert inside >= 0.5, (alerts, gt)                                                          # and alerts are mostly on it
-    from avar_net.data import probe
+    from avar_net.decode import probe
     clips = [e["clip"] for e in events if e["event"] == "alert_end"]
     assert all(probe(c).has_audio for c in clips) and not list((tmp_path / "clips").glob(".*"))
     # the normal test video raises no alert
@@ -61,7 +61,7 @@ def test_alerts_overlap_annotated_anomalies(xd, tmp_path):
 
 
 def test_realtime_pace(xd, tmp_path):
-    from avar_net.data import make_test_media
+    from avar_net.testing import make_test_media
     clip = make_test_media(tmp_path / "rt.mp4", duration_s=2.0, fps=24, size=(64, 64), sr=16000, channels=1)
     t0 = time.monotonic()
     s = Watcher(xd["pred"], clip, out=tmp_path / "rt.jsonl", realtime=True).run()
@@ -103,7 +103,7 @@ def _wait_for(path, cond, timeout):
 
 def test_live_tcp_reconnect_gap_and_sigterm(xd, tmp_path):
     "Kill the server mid-stream and restart it: watch reconnects, records the gap, loses no line, exits cleanly on SIGTERM."
-    from avar_net.data import probe
+    from avar_net.decode import probe
     ts = _to_mpegts(xd["violent"], tmp_path / "live.ts")
     dur, port = probe(ts).duration_s, _free_port()
     out = tmp_path / "live.jsonl"
@@ -143,7 +143,7 @@ def test_live_tcp_reconnect_gap_and_sigterm(xd, tmp_path):
 
 def test_a_stalled_stream_is_dropped_retried_and_given_up(xd, tmp_path):
     "The server goes silent with the connection open: after the stall timeout watch reconnects, then gives up."
-    from avar_net.data import probe
+    from avar_net.decode import probe
     ts = _to_mpegts(xd["violent"], tmp_path / "stall.ts")
     port = _free_port()
     server = _serve(ts, port, probe(ts).duration_s, "0.6")

@@ -9,10 +9,12 @@ import pytest
 
 from avar_net.core import VAAR_CLASSES, ConfigError
 from avar_net.synth import (CLASS_SIGNATURES, SYNTH_PROFILES, XD_VIOLENT_CODES, Degradation, ambiguous_pairs,
-                            generate_synthavar, generate_synthxd, render_clip, synth_cli, synth_root, write_mp4, xd_name)
+                            generate_synthavar, generate_synthxd, render_clip, synth_cli, synth_root, write_mp4,
+                            xd_name)
 
 # the XD-Violence name grammar, written out independently of the library
-XD_RE = re.compile(r"^(?P<src>[^_].*?)__#\d\d-\d\d-\d\d_\d\d-\d\d-\d\d_label_(?P<lab>A|(?:B[1-6]|G)(?:-(?:B[1-6]|G|0)){2})$")
+XD_RE = re.compile(r"^(?P<src>[^_].*?)__#\d\d-\d\d-\d\d_\d\d-\d\d-\d\d"
+                   r"_label_(?P<lab>A|(?:B[1-6]|G)(?:-(?:B[1-6]|G|0)){2})$")
 
 
 def decode(path):
@@ -237,7 +239,8 @@ def test_synthxd_against_data_module(xd_root):
     man = json.loads((xd_root / "manifest.json").read_text())
     vids = {v["name"]: v for v in man["videos"]}
     ann = data.parse_xd_annotations(xd_root / "annotations.txt")
-    assert ann == {n: [(s, e) for s, e, _ in v["segments"]] for n, v in vids.items() if v["split"] == "test" and v["violent"]}
+    assert ann == {n: [(s, e) for s, e, _ in v["segments"]] for n, v in vids.items()
+                   if v["split"] == "test" and v["violent"]}
     names = [Path(x).stem for x in (xd_root / "test.list").read_text().splitlines()]
     gt = data.xd_frame_gt(names, [vids[n]["n_frames"] for n in names], ann)
     assert len(gt) == sum(16 * ((vids[n]["n_frames"] - 1) // 16) for n in names) and 0 < gt.mean() < 1

@@ -13,9 +13,10 @@ from typing import Iterator, Mapping
 from .core import AvarError, ConfigError, DecodeError, project_path
 
 CLI_HELP = "try a trained run on your own video in a local web page"
-CLI_DESCRIPTION = ("Start a local web app (Streamlit) for a trained run: upload a video or pick a bundled SynthAVAR/SynthXD "
-                   "example and see the top classes, the anomaly timeline under a frame strip, whether an audio track was "
-                   "found, and the run's model card. Listens on 127.0.0.1 unless --host says otherwise; nothing leaves the machine.")
+CLI_DESCRIPTION = ("Start a local web app (Streamlit) for a trained run: upload a video or pick a bundled "
+                   "SynthAVAR/SynthXD example and see the top classes, the anomaly timeline under a frame strip, "
+                   "whether an audio track was found, and the run's model card. Listens on 127.0.0.1 unless --host "
+                   "says otherwise; nothing leaves the machine.")
 _LOG = logging.getLogger("avar_net.app")
 
 # %% auto #0
@@ -46,7 +47,8 @@ class AppLimits:
 def check_upload(name: str, size: int, limits: AppLimits) -> str:
     "The lower-case suffix of an acceptable upload `name` of `size` bytes; `Rejected` with the reason otherwise."
     suffix = Path(str(name)).suffix.lower()
-    if suffix not in VIDEO_SUFFIXES: raise Rejected(f"{name}: not a video file this app takes ({', '.join(VIDEO_SUFFIXES)})")
+    if suffix not in VIDEO_SUFFIXES:
+        raise Rejected(f"{name}: not a video file this app takes ({', '.join(VIDEO_SUFFIXES)})")
     if size <= 0: raise Rejected(f"{name}: the file is empty")
     if size > limits.max_upload_mb * 2**20:
         raise Rejected(f"{name}: {size / 2**20:.1f} MB is over the upload limit of {limits.max_upload_mb} MB")
@@ -60,7 +62,8 @@ def safe_stem(name: str) -> str:
 
 @contextmanager
 def private_copy(data, suffix: str, stem: str = "upload") -> Iterator[Path]:
-    "Copy `data` (bytes or a binary file object) to a new private temporary folder (0700) as `<safe stem><suffix>`; delete it all on exit."
+    """Copy `data` (bytes or a binary file object) to a new private temporary folder (0700) as `<safe stem><suffix>`;
+    delete it all on exit."""
     if suffix not in VIDEO_SUFFIXES: raise Rejected(f"unsupported suffix {suffix!r}")
     d = Path(tempfile.mkdtemp(prefix="avar_app_"))       # mkdtemp: readable by this user only
     try:
@@ -102,13 +105,15 @@ def make_examples(folder) -> dict[str, Path]:
         out[f"SynthAVAR: {c}"] = p
     x = generate_synthxd(folder / "synthxd", "tiny", seed=0, train=(1, 1), test=(1, 1), n_frames=(240, 240))
     for v in json.loads((x / "manifest.json").read_text())["videos"]:
-        if v["split"] == "test": out[f"SynthXD: {'violent (' + '+'.join(v['codes']) + ')' if v['violent'] else 'normal'}"] = x / v["path"]
+        if v["split"] == "test":
+            out[f"SynthXD: {'violent (' + '+'.join(v['codes']) + ')' if v['violent'] else 'normal'}"] = x / v["path"]
     return out
 
 # %% ../nbs/30_app.ipynb #4ff40831
 class Service:
     "What every page shares: the run's predictor (loaded once) and a one-worker queue, so analyses run one at a time."
-    def __init__(self, run_dir, limits: AppLimits | None = None, device: str = "cpu", examples: Mapping[str, Path] | None = None):
+    def __init__(self, run_dir, limits: AppLimits | None = None, device: str = "cpu",
+                 examples: Mapping[str, Path] | None = None):
         self.run_dir, self.limits, self.device = Path(run_dir), limits or AppLimits(), device
         self.examples = dict(examples or {})
         self._pred, self._lock = None, threading.Lock()
@@ -141,7 +146,8 @@ class Service:
         pred = self.predictor()
         status["loaded"] = time.monotonic()
         with private_copy(data, suffix, name) as p:
-            r = analyse(pred, p, self.limits, name, on_probe=lambda info: status.update(duration_s=info.duration_s, probed=time.monotonic()))
+            r = analyse(pred, p, self.limits, name,
+                        on_probe=lambda info: status.update(duration_s=info.duration_s, probed=time.monotonic()))
         if r["duration_s"] > 0: self.s_per_video_s = r["seconds"] / r["duration_s"]
         return r
 
@@ -163,13 +169,15 @@ def wait_for(fut: Future, status: dict, svc: Service, show=None, tick: float = 0
         elif "probed" not in status: show(0.02, "reading the video…")
         else:
             est, el = svc.estimate_s(status["duration_s"]), time.monotonic() - status["probed"]
-            show(min(0.95, el / est), f"analysing {status['duration_s']:.1f} s of video: {el:.0f} s of about {est:.0f} s")
+            show(min(0.95, el / est),
+                 f"analysing {status['duration_s']:.1f} s of video: {el:.0f} s of about {est:.0f} s")
         time.sleep(tick)
     try: return fut.result()
     except Rejected: raise
     except Exception as e:   # never a traceback in the page: the reason goes to the server log
         _LOG.exception("analysis failed")
-        raise Rejected(f"the analysis failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        raise Rejected(f"the analysis failed ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
 # %% ../nbs/30_app.ipynb #64f58aa0
 _MIME = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime", ".mkv": "video/x-matroska",
@@ -183,7 +191,9 @@ def _show_result(st, res: dict, video: bytes) -> None:
     top.markdown("| class | probability |\n|---|---|\n" + "\n".join(f"| {n} | {q:.1%} |" for n, q in res["top"]))
     if res["has_audio"]: top.success("Audio track found: the prediction uses sound and picture.")
     else: top.warning("No audio track found: the audio features are zeros (video only).")
-    st.image(res["timeline_png"], caption=f"anomaly timeline: {res['step_score_kind']} per {res['step_s']:g} s step, under a strip of frames")
+    st.image(res["timeline_png"],
+             caption=f"anomaly timeline: {res['step_score_kind']} per {res['step_s']:g} s step, under a strip of "
+                     "frames")
     st.caption(f"{res['duration_s']:.1f} s of video analysed in {res['seconds']:.1f} s on this machine.")
 
 # %% ../nbs/30_app.ipynb #f5e27e76
@@ -205,7 +215,9 @@ def page(svc: Service | None = None) -> None:
     if svc is None: st.error("No model: start the app with `avar-net app --model RUN_DIR`."); return
     st.caption(f"Model: run `{svc.run_dir.name}`. Everything runs on this machine; an upload (at most "
                f"{svc.limits.max_upload_mb} MB and {svc.limits.max_duration_s:g} s) is deleted once analysed.")
-    if svc.machinery_test: st.info(f"This run is a machinery test ({svc.machinery_test}): its predictions say nothing about real anomalies.")
+    if svc.machinery_test:
+        st.info(f"This run is a machinery test ({svc.machinery_test}): its predictions say nothing about real "
+                "anomalies.")
     left, right = st.columns([2, 3])
     job = None
     with left:
@@ -214,7 +226,8 @@ def page(svc: Service | None = None) -> None:
             if up is not None: job = (f"upload:{up.file_id}", up.name, up.getvalue)
         elif svc.examples:
             ex = st.selectbox("Example", list(svc.examples))
-            if st.button("Analyse this example"): job = (f"example:{ex}", svc.examples[ex].name, svc.examples[ex].read_bytes)
+            if st.button("Analyse this example"):
+                job = (f"example:{ex}", svc.examples[ex].name, svc.examples[ex].read_bytes)
         else: st.info("No bundled examples in this app.")
         with st.expander("Model card of this run"): st.markdown(_card_body(svc.run_dir))
     with right:
@@ -237,9 +250,10 @@ _SERVICE: Service | None = None
 
 def streamlit_flags(host: str, port: int, limits: AppLimits) -> dict:
     "Streamlit options of the app: the address, the upload limit, and nothing that calls out or shows a traceback."
-    return {"server_address": host, "server_port": int(port), "server_headless": True, "server_maxUploadSize": limits.max_upload_mb,
-            "server_fileWatcherType": "none", "server_runOnSave": False, "browser_gatherUsageStats": False,
-            "client_showErrorDetails": "none", "client_toolbarMode": "viewer", "global_developmentMode": False}
+    return {"server_address": host, "server_port": int(port), "server_headless": True,
+            "server_maxUploadSize": limits.max_upload_mb, "server_fileWatcherType": "none", "server_runOnSave": False,
+            "browser_gatherUsageStats": False, "client_showErrorDetails": "none", "client_toolbarMode": "viewer",
+            "global_developmentMode": False}
 
 def serve(svc: Service, host: str = "127.0.0.1", port: int = 8501) -> None:
     "Serve the page for `svc` until interrupted (Streamlit runs a two-line launcher script from a private temp folder)."
@@ -263,16 +277,20 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="cpu", help="device for the model and its backbones")
     p.add_argument("--max-upload-mb", type=int, default=AppLimits.max_upload_mb, help="largest upload, MB")
     p.add_argument("--max-duration", type=float, default=AppLimits.max_duration_s, help="longest video, seconds")
-    p.add_argument("--decode-timeout", type=float, default=AppLimits.decode_timeout_s, help="decoder time limit, seconds")
-    p.add_argument("--examples", default=None, help="folder of the bundled examples (made on first use; default <data>/app_examples)")
+    p.add_argument("--decode-timeout", type=float, default=AppLimits.decode_timeout_s,
+                   help="decoder time limit, seconds")
+    p.add_argument("--examples", default=None,
+                   help="folder of the bundled examples (made on first use; default <data>/app_examples)")
 
 def run_cli(a) -> int:
     run = Path(a.model)
-    if not (run / "config.json").is_file(): raise ConfigError(f"{run}: not a training run (no config.json); train one with 'avar-net train'")
+    if not (run / "config.json").is_file():
+        raise ConfigError(f"{run}: not a training run (no config.json); train one with 'avar-net train'")
     if not 0 < a.port < 65536: raise ConfigError(f"--port must be in 1..65535, got {a.port}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     limits = AppLimits(a.max_upload_mb, a.max_duration, a.decode_timeout)
-    svc = Service(run, limits, a.device, make_examples(Path(a.examples) if a.examples else project_path("data") / "app_examples"))
+    svc = Service(run, limits, a.device,
+                  make_examples(Path(a.examples) if a.examples else project_path("data") / "app_examples"))
     svc.predictor()                     # a missing backbone or a broken run fails here, as one line, before serving
     print(f"avar-net app: model {run}, {len(svc.examples)} examples; open http://{a.host}:{a.port}", flush=True)
     if a.host not in ("127.0.0.1", "localhost", "::1"):

@@ -22,7 +22,8 @@ _NB = re.compile(r"^(\d\d)[a-z]?_[\w\-]+\.ipynb$")     # 18_x, then 18a_y: a let
 PARTS = {0: "Tutorial and API", 1: "Tutorial and API", 2: "Experiments", 3: "Applications"}
 
 def reading_order(nbs_dir) -> list[Path]:
-    "`index.ipynb`, then every `NN_*.ipynb` of `nbs_dir` in numeric order: a new notebook is found, never listed by hand."
+    """`index.ipynb`, then every `NN_*.ipynb` of `nbs_dir` in numeric order: a new notebook is found, never listed by
+    hand."""
     nbs_dir = Path(nbs_dir)
     if not (nbs_dir / "index.ipynb").exists(): raise DocsError(f"{nbs_dir / 'index.ipynb'}: the front page is missing")
     return [nbs_dir / "index.ipynb"] + sorted(p for p in nbs_dir.iterdir() if _NB.match(p.name))
@@ -39,7 +40,8 @@ _EVAL_FALSE = re.compile(r"^\s*#\|\s*eval\s*:\s*false\s*$", re.M)
 def skipped_by_nbdev_test(cell, flags=("slow",)) -> bool:
     "Whether `nbdev_test` skips this code cell: `#| eval: false`, or a directive naming one of the test `flags`."
     if cell.cell_type != "code": return False
-    return bool(_EVAL_FALSE.search(cell.source)) or any(m[1] in flags for l in cell.source.splitlines() if (m := _DIRECTIVE.match(l)))
+    return bool(_EVAL_FALSE.search(cell.source)) or any(m[1] in flags for l in cell.source.splitlines()
+                                                        if (m := _DIRECTIVE.match(l)))
 
 def merge_outputs(source, executed) -> tuple:
     """The `source` notebook with the outputs of the `executed` copy's code cells of identical source, and the
@@ -67,7 +69,8 @@ def merge_outputs(source, executed) -> tuple:
 _SHOW_DOC = re.compile(r"^(show_doc\(.*\)\s*)+$", re.S)
 
 def page_cell(cell):
-    "The cell as a reader sees it: nbdev directive lines removed; None for hidden cells and unexecuted `show_doc` calls."
+    """The cell as a reader sees it: nbdev directive lines removed; None for hidden cells and unexecuted `show_doc`
+    calls."""
     if cell.cell_type != "code": return cell
     lines = cell.source.splitlines()
     dirs = {m[1] for l in lines if (m := _DIRECTIVE.match(l))}
@@ -104,8 +107,10 @@ def module_api(py) -> list[dict]:
         elif isinstance(n, ast.ClassDef) and n.name in names:
             bases = ", ".join(ast.unparse(b) for b in n.bases)
             meths = [dict(name=m.name, signature=sig(m), doc=ast.get_docstring(m) or "") for m in n.body
-                     if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef)) and (not m.name.startswith("_") or m.name in ("__init__", "__call__"))]
-            out[n.name] = dict(name=n.name, kind="class", signature=f"class {n.name}({bases})" if bases else f"class {n.name}",
+                     if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))
+                     and (not m.name.startswith("_") or m.name in ("__init__", "__call__"))]
+            out[n.name] = dict(name=n.name, kind="class", signature=f"class {n.name}({bases})" if bases
+                               else f"class {n.name}",
                                doc=ast.get_docstring(n) or "", methods=meths)
         elif isinstance(n, (ast.Assign, ast.AnnAssign)):
             for t in (n.targets if isinstance(n, ast.Assign) else [n.target]):
@@ -117,9 +122,11 @@ def module_api(py) -> list[dict]:
 def api_html(module: str, api: list[dict]) -> str:
     "The API reference section of a module page."
     def entry(e, level=3):
-        doc = "".join("<p>" + re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(p)) + "</p>" for p in e["doc"].split("\n\n") if p.strip())
+        doc = "".join("<p>" + re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(p)) + "</p>"
+                      for p in e["doc"].split("\n\n") if p.strip())
         meths = "".join(entry(m, 4) for m in e.get("methods", []))
-        return (f'<div class="api-entry" id="{html.escape(e["name"])}"><h{level}><code>{html.escape(e["signature"])}</code></h{level}>'
+        return ('<div class="api-entry" '
+                f'id="{html.escape(e["name"])}"><h{level}><code>{html.escape(e["signature"])}</code></h{level}>'
                 f"{doc}{meths}</div>")
     items = "".join(entry(e) for e in api) or "<p>This module exports nothing.</p>"
     return f'<section class="api" id="api-reference"><h2>API reference: <code>{html.escape(module)}</code></h2>{items}</section>'
@@ -130,7 +137,8 @@ def _exporter():
     from nbconvert import HTMLExporter
     from nbconvert.preprocessors import ExtractOutputPreprocessor
     ex = HTMLExporter(template_name="basic", exclude_input_prompt=True, exclude_output_prompt=True)
-    ex.register_preprocessor(ExtractOutputPreprocessor(extract_output_types={"image/png", "image/jpeg", "image/svg+xml"}), enabled=True)
+    ex.register_preprocessor(ExtractOutputPreprocessor(extract_output_types={"image/png", "image/jpeg",
+                                                                             "image/svg+xml"}), enabled=True)
     return ex
 
 def render_cells(nb, stem: str, out_dir) -> str:
@@ -198,13 +206,17 @@ _SITE_CSS = """body.jp-Notebook{margin:0;display:flex;font-family:system-ui,-app
 .highlight pre,.jp-OutputArea-output pre{overflow-x:auto}.jp-OutputArea-output{overflow-x:auto}"""
 
 def copy_static(dest) -> Path:
-    "Stylesheets (nbconvert's lab theme, Pygments) and MathJax (from `jupyter_server_mathjax`) into `dest`: nothing is fetched from a CDN."
+    """Stylesheets (nbconvert's lab theme, Pygments) and MathJax (from `jupyter_server_mathjax`) into `dest`: nothing
+    is fetched from a CDN."""
     from jupyter_core.paths import jupyter_path
     from pygments.formatters import HtmlFormatter
     try: import jupyter_server_mathjax
-    except ImportError: raise DocsError("MathJax is missing: pip install -c constraints.txt jupyter-server-mathjax (the site serves its own copy)") from None
+    except ImportError:
+        raise DocsError("MathJax is missing: pip install -c constraints.txt jupyter-server-mathjax (the site serves "
+                        "its own copy)") from None
     dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
-    lab = next((Path(d) / "lab" / "static" for d in jupyter_path("nbconvert", "templates") if (Path(d) / "lab" / "static" / "index.css").exists()), None)
+    lab = next((Path(d) / "lab" / "static" for d in jupyter_path("nbconvert", "templates")
+                if (Path(d) / "lab" / "static" / "index.css").exists()), None)
     if lab is None: raise DocsError("nbconvert's lab template stylesheets were not found: reinstall nbconvert")
     for f in ("index.css", "theme-light.css"): shutil.copy(lab / f, dest / f)
     (dest / "pygments.css").write_text(HtmlFormatter(style="default").get_style_defs(".highlight"))
@@ -263,7 +275,8 @@ def build_page(path, kept_dir, lib_dir, manifest: dict, site) -> dict:
         body += api_html(f"{Path(lib_dir).name}.{mod}", module_api(py))
     if stem != "index":
         body = f'<p class="site-note">{_notes(stem, executed, missing, manifest.get("notebooks", {}).get(stem))}</p>' + body
-    return dict(stem=stem, title=_title(src, stem), part=part(stem), body=body, outputs=executed is not None, missing=missing)
+    return dict(stem=stem, title=_title(src, stem), part=part(stem), body=body, outputs=executed is not None,
+                missing=missing)
 
 # %% ../nbs/32_docs.ipynb #94163c7f
 SITE_MARKER = ".avar_site"   # written into every site build_site makes: only such a folder is ever replaced
@@ -285,9 +298,11 @@ def build_site(out=None, root=None, log=print) -> dict:
     for p in order:
         try: pages.append(build_page(p, root / "figures" / "notebooks", root / "avar_net", manifest, tmp))
         except Exception as ex: broken.append(f"{p.name}: {type(ex).__name__}: {ex}")
-    if broken: raise DocsError(f"{len(broken)} notebook(s) could not be rendered (the old site is kept): " + "; ".join(broken))
+    if broken:
+        raise DocsError(f"{len(broken)} notebook(s) could not be rendered (the old site is kept): " + "; ".join(broken))
     for pg in pages:
-        atomic_write_text(tmp / f"{pg['stem']}.html", page_html(pg["title"], pg["body"], nav_html(pages, pg["stem"]), pg["stem"]))
+        atomic_write_text(tmp / f"{pg['stem']}.html",
+                          page_html(pg["title"], pg["body"], nav_html(pages, pg["stem"]), pg["stem"]))
     probs = check_links(tmp)
     if probs: raise DocsError(f"broken site in {tmp} (the old site is kept): " + "; ".join(probs[:10]))
     old = out.with_name(out.name + ".old"); shutil.rmtree(old, ignore_errors=True)
@@ -295,14 +310,17 @@ def build_site(out=None, root=None, log=print) -> dict:
     tmp.rename(out); shutil.rmtree(old, ignore_errors=True)
     res = dict(out=out, pages=[pg["stem"] for pg in pages], with_outputs=[pg["stem"] for pg in pages if pg["outputs"]],
                seconds=round(time.time() - t0, 1))
-    log(f"[docs] {len(pages)} pages ({len(res['with_outputs'])} with outputs) in {res['seconds']} s: open {out / 'index.html'}")
+    log(f"[docs] {len(pages)} pages ({len(res['with_outputs'])} with outputs) in {res['seconds']} s: open "
+        f"{out / 'index.html'}")
     return res
 
 # %% ../nbs/32_docs.ipynb #b0f4366d
 def module_notebooks(nbs_dir) -> list[str]:
-    "The reading order's module notebooks (every number but the experiments' 20–29) that `avar-net reproduce` does not execute."
+    """The reading order's module notebooks (every number but the experiments' 20–29) that `avar-net reproduce` does
+    not execute."""
     from avar_net.reproduce import NOTEBOOKS
-    return [p.stem for p in reading_order(nbs_dir) if p.stem != "index" and int(p.stem[:2]) // 10 != 2 and p.stem not in NOTEBOOKS]
+    return [p.stem for p in reading_order(nbs_dir) if p.stem != "index" and int(p.stem[:2]) // 10 != 2
+            and p.stem not in NOTEBOOKS]
 
 def execute_notebooks(only: str | None = None, root=None, log=print) -> dict:
     """Execute the module notebooks as `nbdev_test` does (`IN_TEST=1`, working directory `nbs/`) and keep their
@@ -322,17 +340,22 @@ def execute_notebooks(only: str | None = None, root=None, log=print) -> dict:
         out = root / "runs" / "docs" / f"{name}.ipynb"
         try:
             with _env(IN_TEST=1, AVAR_IN_TEST=1, MPLBACKEND="module://matplotlib_inline.backend_inline"):
-                pm.execute_notebook(str(src), str(out), cwd=str(root / "nbs"), kernel_name="python3", progress_bar=False, log_output=False)
+                pm.execute_notebook(str(src), str(out), cwd=str(root / "nbs"), kernel_name="python3",
+                                    progress_bar=False, log_output=False)
         except pm.PapermillExecutionError as ex:
             evalue = " ".join(str(ex.evalue).split())         # one line, however the exception was worded
-            failed.append(f"{name} failed in cell {ex.exec_count} ({ex.ename}: {evalue})"); log(f"[docs] {failed[-1]}"); continue
+            failed.append(f"{name} failed in cell {ex.exec_count} ({ex.ename}: {evalue})"); log(f"[docs] {failed[-1]}")
+            continue
         k = keep_executed(out, figures / KEPT_DIR)
-        kept[name] = dict(file=f"{KEPT_DIR}/{k.name}", profile="nbdev_test (IN_TEST=1)", git_commit=commit, sha256=sha256_file(k))
+        kept[name] = dict(file=f"{KEPT_DIR}/{k.name}", profile="nbdev_test (IN_TEST=1)", git_commit=commit,
+                          sha256=sha256_file(k))
         mf = figures / "MANIFEST.json"; m = json.loads(mf.read_text()) if mf.exists() else {"artifacts": {}}
         m["notebooks"] = dict(sorted({**m.get("notebooks", {}), name: kept[name]}.items()))
         atomic_write_json(mf, m)                     # recorded at once: an interrupted run loses nothing it finished
         log(f"[docs] executed {name} in {time.time() - t0:.0f} s")
-    if failed: raise AvarError(f"{len(failed)} of {len(names)} notebook(s) failed (the others were kept): " + " | ".join(failed))
+    if failed:
+        raise AvarError(f"{len(failed)} of {len(names)} notebook(s) failed (the others were kept): "
+                        + " | ".join(failed))
     return kept
 
 def _no_match(only, names):
@@ -341,14 +364,16 @@ def _no_match(only, names):
 # %% ../nbs/32_docs.ipynb #adafd077
 CLI_HELP = "build the documentation site from the notebooks"
 CLI_DESCRIPTION = ("Build a static site of every notebook of the reading order (index, then nbs/NN_*.ipynb) with the "
-                   "outputs of the executed copies kept in figures/notebooks/, each module's API, and MathJax, styles and "
-                   "images served from the site itself. Open OUT/index.html in a browser.")
+                   "outputs of the executed copies kept in figures/notebooks/, each module's API, and MathJax, styles "
+                   "and images served from the site itself. Open OUT/index.html in a browser.")
 
 def add_arguments(p):
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: _site/ in the checkout)")
     p.add_argument("--execute", action="store_true",
-                   help="first execute the module notebooks (all but the experiments) (as nbdev_test does) and keep their executed copies in figures/notebooks/")
-    p.add_argument("--only", default=None, metavar="NB", help="with --execute: only this module notebook (number or name)")
+                   help="first execute the module notebooks (all but the experiments) (as nbdev_test does) and keep "
+                        "their executed copies in figures/notebooks/")
+    p.add_argument("--only", default=None, metavar="NB",
+                   help="with --execute: only this module notebook (number or name)")
 
 def run_cli(args) -> int:
     if args.only and not args.execute: raise ConfigError("--only needs --execute")

@@ -25,7 +25,8 @@ __all__ = ['PARAM_KEYS', 'parameters_source', 'notebook_params', 'check_paramete
 PARAM_KEYS: tuple[str, ...] = tuple(PROFILES["demo"])
 
 def parameters_source(profile: str = "demo") -> str:
-    "The source of an experiment notebook's `parameters` cell: `profile` and every other key set to None (= the profile's value)."
+    """The source of an experiment notebook's `parameters` cell: `profile` and every other key set to None (= the
+    profile's value)."""
     lines = [f"profile = {profile!r}  # 'ci' | 'demo' | 'full'; every None below means: the profile's value"]
     lines += [f"{k} = None" for k in PARAM_KEYS if k != "profile"]
     return "\n".join(lines)
@@ -41,17 +42,21 @@ def notebook_params(profile: str = "demo", **given) -> dict:
     return profile_params(profile, **given)
 
 def check_parameters_cell(nb_path) -> list[str]:
-    "Problems with a notebook's parameters cell: it must be the first code cell, tagged `parameters`, assigning exactly `PARAM_KEYS`."
+    """Problems with a notebook's parameters cell: it must be the first code cell, tagged `parameters`, assigning
+    exactly `PARAM_KEYS`."""
     import ast, nbformat
     nb = nbformat.read(str(nb_path), as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     if not code: return [f"{nb_path}: no code cell"]
     c = code[0]
-    if "parameters" not in c.metadata.get("tags", []): return [f"{nb_path}: the first code cell is not tagged 'parameters'"]
-    names = [t.id for node in ast.parse(c.source).body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)]
+    if "parameters" not in c.metadata.get("tags", []):
+        return [f"{nb_path}: the first code cell is not tagged 'parameters'"]
+    names = [t.id for node in ast.parse(c.source).body if isinstance(node, ast.Assign) for t in node.targets
+             if isinstance(t, ast.Name)]
     probs = []
     if missing := [k for k in PARAM_KEYS if k not in names]: probs.append(f"{nb_path}: parameters cell lacks {missing}")
-    if extra := [k for k in names if k not in PARAM_KEYS]: probs.append(f"{nb_path}: parameters cell assigns unknown {extra}")
+    if extra := [k for k in names if k not in PARAM_KEYS]:
+        probs.append(f"{nb_path}: parameters cell assigns unknown {extra}")
     return probs
 
 # %% ../nbs/15_experiments.ipynb #cell-10
@@ -99,7 +104,8 @@ def cached_many(items: Sequence[tuple[Any, Mapping]], build_all: Callable[[list[
                 if rec.get("spec") == sp and o.exists(): results[k] = rec.get("result"); continue
                 done.unlink()
             if o.exists() and not resumable:
-                if not _owned(o): raise ConfigError(f"{o}: refusing to remove a folder outside the project's data/runs folders")
+                if not _owned(o):
+                    raise ConfigError(f"{o}: refusing to remove a folder outside the project's data/runs folders")
                 shutil.rmtree(o)
             pending.append(k)
         if pending:
@@ -115,7 +121,8 @@ def cached(out_dir, spec: Mapping, build: Callable[[Path], Any], state_dir=None,
 
 # %% ../nbs/15_experiments.ipynb #cell-13
 def _workers() -> int:
-    "Parallel processes for rendering, extraction and training on CPU: `AVAR_WORKERS`, else the cores (max 4), 1 under tests."
+    """Parallel processes for rendering, extraction and training on CPU: `AVAR_WORKERS`, else the cores (max 4), 1
+    under tests."""
     if os.environ.get("AVAR_WORKERS"): return max(1, int(os.environ["AVAR_WORKERS"]))
     return 1 if in_test() else max(1, min(os.cpu_count() or 1, 4))
 
@@ -128,7 +135,9 @@ def synth_dataset(params: Mapping, kind: str = "avar", seed: int = 0) -> Path:
         if not root.is_dir(): raise DataError(f"{root}: {'VAAR' if kind == 'avar' else 'XD-Violence'} folder not found")
         return root
     prof = params.get("synth_profile" if kind == "avar" else "xd_profile")
-    if not prof: raise ConfigError(f"profile {params.get('profile')!r} has no {'synth_profile' if kind == 'avar' else 'xd_profile'} "
+    if not prof:
+        raise ConfigError(f"profile {params.get('profile')!r} has no "
+                          f"{'synth_profile' if kind == 'avar' else 'xd_profile'} "
                                    f"and no {'data_root' if kind == 'avar' else 'xd_root'}: give a data folder")
     from avar_net.synth import generate_synthavar, generate_synthxd, synth_root
     root = synth_root(kind, prof, seed)          # the folder 02_synth and the CLI use too: generated once, shared
@@ -149,9 +158,11 @@ def degradation_tag(degrade) -> str:
 def _render_job(job: dict) -> None:
     from avar_net.synth import render_clip, write_mp4
     c = job["clip"]
-    frames, audio, fps, sr = render_clip(c["label_index"], c["seed"], c["size"], c["duration_s"], c["fps"], c["sr"], job["degrade"])
+    frames, audio, fps, sr = render_clip(c["label_index"], c["seed"], c["size"], c["duration_s"], c["fps"], c["sr"],
+                                         job["degrade"])
     write_mp4(Path(job["root"]) / c["clip"], frames, fps, audio, sr)
 
+# %% ../nbs/15_experiments.ipynb #a4fec4dd
 def progress_bar(total: int, desc: str):
     """A tqdm bar on the process's own stderr when `AVAR_PROGRESS` is set (as `avar-net reproduce` sets it): inside a
     notebook kernel that is the terminal of the command, not the notebook's output; otherwise a disabled bar."""
@@ -161,7 +172,8 @@ def progress_bar(total: int, desc: str):
                 dynamic_ncols=True, leave=False)
 
 def _map(fn, jobs: list, workers: int, desc: str = "jobs") -> list:
-    "`[fn(j) for j in jobs]`, in `workers` spawned processes when more than one; the first failure cancels the jobs not started."
+    """`[fn(j) for j in jobs]`, in `workers` spawned processes when more than one; the first failure cancels the jobs
+    not started."""
     import concurrent.futures as cf, multiprocessing as mp
     with progress_bar(len(jobs), desc) as bar, contextlib.ExitStack() as stack:
         ex = stack.enter_context(cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))) \
@@ -179,6 +191,7 @@ def _map(fn, jobs: list, workers: int, desc: str = "jobs") -> list:
             for r in ex.map(fn, jobs): out.append(r); bar.update()
             return out
 
+# %% ../nbs/15_experiments.ipynb #6ad01633
 def degraded_testsets(params: Mapping, degrades: Sequence, seed: int = 0) -> list[Path]:
     """The test split of the profile's SynthAVAR re-rendered with each degradation of `degrades` (`Degradation`s or
     dicts); a clean one gives the clean dataset. Missing sets are rendered together, in `workers` processes."""
@@ -199,14 +212,17 @@ def degraded_testsets(params: Mapping, degrades: Sequence, seed: int = 0) -> lis
                                  "synth": SYNTH_VERSION, "format": "test split only"}, d)
     def build_all(outs: list[Path]) -> list:
         todo = [items[str(o)] for o in outs]
-        _map(_render_job, [{"root": str(o), "clip": c, "degrade": d.to_dict()} for o, _, d in todo for c in clips], _workers(),
-             desc="degraded test clips")
+        _map(_render_job, [{"root": str(o), "clip": c, "degrade": d.to_dict()} for o, _, d in todo for c in clips],
+             _workers(), desc="degraded test clips")
         for o, _, d in todo:
-            atomic_write_text(o / "splits.csv", "clip,label,split\n" + "".join(f"{c['clip']},{c['label']},test\n" for c in clips))
-            atomic_write_json(o / "manifest.json", {"kind": "synthavar-degraded-test", "clean": clean.name, "degrade": d.to_dict(),
+            atomic_write_text(o / "splits.csv", "clip,label,split\n"
+                              + "".join(f"{c['clip']},{c['label']},test\n" for c in clips))
+            atomic_write_json(o / "manifest.json",
+                              {"kind": "synthavar-degraded-test", "clean": clean.name, "degrade": d.to_dict(),
                                                     "clips": [c["clip"] for c in clips]})
         return [{"clips": len(clips)} for _ in todo]
-    cached_many([(o, sp) for o, sp, _ in items.values()], build_all, state_dir=project_path("data") / "cache" / "_state")
+    cached_many([(o, sp) for o, sp, _ in items.values()], build_all,
+                state_dir=project_path("data") / "cache" / "_state")
     return [clean if d.is_clean else clean.parent / f"{clean.name}-{degradation_tag(d)}" for d in degs]
 
 def degraded_testset(params: Mapping, degrade, seed: int = 0) -> Path:
@@ -217,14 +233,16 @@ def degraded_testset(params: Mapping, degrade, seed: int = 0) -> Path:
 def feature_config(params: Mapping, xd: bool = False):
     "The `FeatureConfig` of a profile: its backbones, grid (`step_s`, `frames_per_step`; XD grid when `xd`) and device."
     from avar_net.features import FeatureConfig
-    from avar_net.pretrain import resolve_backbone   # synth-pretrained -> its folder, whose name carries the pretraining key
+    # synth-pretrained -> its folder, whose name carries the pretraining key
+    from avar_net.pretrain import resolve_backbone
     return FeatureConfig(audio_backbone=resolve_backbone(params["audio_backbone"], "audio"),
                          video_backbone=resolve_backbone(params["video_backbone"], "video"),
                          step_s=float(params["step_s"]), frames_per_step=int(params["frames_per_step"]), xd=xd,
                          device=params.get("device") or "auto")
 
 def data_fingerprint(root) -> str:
-    "Hash of a dataset folder's description: its manifest (synthetic) or split/list/annotation files (real), and its path."
+    """Hash of a dataset folder's description: its manifest (synthetic) or split/list/annotation files (real), and
+    its path."""
     root = Path(root)
     h = hashlib.sha256(str(root.resolve()).encode())
     for name in ("manifest.json", "splits.csv", "train.list", "test.list", "annotations.txt"):
@@ -235,13 +253,15 @@ def _extract_job(job: dict) -> dict:
     import torch
     from avar_net.features import FeatureConfig, extract_dataset
     torch.set_num_threads(1)
-    s = extract_dataset(job["root"], job["out"], FeatureConfig.from_dict(job["cfg"]), shard=tuple(job["shard"]), progress=False)
+    s = extract_dataset(job["root"], job["out"], FeatureConfig.from_dict(job["cfg"]), shard=tuple(job["shard"]),
+                        progress=False)
     return {k: s[k] for k in ("n_computed", "n_skipped", "n_failed")}
 
 def _is_synthetic(root: Path) -> bool:
     try: return "synth" in json.loads((root / "manifest.json").read_text()).get("kind", "")
     except (OSError, ValueError, AttributeError): return False
 
+# %% ../nbs/15_experiments.ipynb #4ea5e5c0
 def feature_caches(data_roots: Sequence, params: Mapping, xd: bool = False) -> list[Path]:
     """Features of each dataset of `data_roots` for the profile `params`, extracted once into the shared cache.
     On CPU, the clips of all datasets that need extraction are split into shards and extracted by parallel
@@ -254,15 +274,18 @@ def feature_caches(data_roots: Sequence, params: Mapping, xd: bool = False) -> l
     for root in roots:
         out = cache / f"{root.name}-{data_fingerprint(root)}-{cfg.key()}"
         outs.append(out)
-        items[str(out)] = (out, {"data_root": str(root.resolve()), "fingerprint": data_fingerprint(root), "config": cfg.to_dict(),
+        items[str(out)] = (out,
+                           {"data_root": str(root.resolve()), "fingerprint": data_fingerprint(root),
+                            "config": cfg.to_dict(),
                                  "avar_net": avar_net.__version__}, root)
     cpu = _device(params) == "cpu"
     def build_all(outs: list[Path]) -> list:
         todo = [items[str(o)] for o in outs]
         n = _workers() if cpu else 1
         if n > 1:
-            _map(_extract_job, [{"root": str(r), "out": str(o), "cfg": cfg.to_dict(), "shard": (i, n)} for o, _, r in todo for i in range(n)], n,
-                 desc="feature extraction shards")
+            _map(_extract_job,
+                 [{"root": str(r), "out": str(o), "cfg": cfg.to_dict(), "shard": (i, n)} for o, _, r in todo
+                  for i in range(n)], n, desc="feature extraction shards")
         res = []
         with torch_threads(1 if cpu else None):
             ex = build_extractors(cfg)
@@ -296,7 +319,8 @@ def code_fingerprint() -> str:
 
 def _features_digest(store) -> str:
     return sha256_bytes(_canon({"key": store.config_key,
-                                "clips": {r["clip_id"]: [r.get("sha256"), r.get("split"), r.get("label")] for r in store.records()}}).encode())[:16]
+                                "clips": {r["clip_id"]: [r.get("sha256"), r.get("split"), r.get("label")]
+                                          for r in store.records()}}).encode())[:16]
 
 @contextlib.contextmanager
 def torch_threads(n: int | None):
@@ -307,12 +331,14 @@ def torch_threads(n: int | None):
     try: yield
     finally: torch.set_num_threads(old)
 
+# %% ../nbs/15_experiments.ipynb #98869126
 def _device(params: Mapping) -> str:
     from avar_net.core import auto_device
     return auto_device(params.get("device") or "auto").type
 
-def train_eval(features, params: Mapping, seed: int, model_overrides: Mapping | None = None, run_name: str | None = None,
-               train_overrides: Mapping | None = None, splits: Sequence[str] = ("val", "test")) -> dict:
+def train_eval(features, params: Mapping, seed: int, model_overrides: Mapping | None = None,
+               run_name: str | None = None, train_overrides: Mapping | None = None,
+               splits: Sequence[str] = ("val", "test")) -> dict:
     "Train (or reuse) one run and evaluate it. Returns dict(run_dir, seed, model, train, eval={split: metrics})."
     from avar_net.features import FeatureStore
     from avar_net.train import TrainConfig
@@ -338,14 +364,16 @@ def _train_job(kw: dict) -> dict:
     return train_eval(**kw)
 
 def train_many(jobs: Sequence[Mapping], workers: int | None = None) -> list[dict]:
-    "`train_eval(**job)` for every job, in parallel processes on CPU (`workers`, default: cores; 1 under tests / on GPU)."
+    """`train_eval(**job)` for every job, in parallel processes on CPU (`workers`, default: cores; 1 under tests / on
+    GPU)."""
     jobs = [dict(j) for j in jobs]
     if not jobs: return []
     if workers is None: workers = 1 if _device(jobs[0]["params"]) != "cpu" else _workers()
     if workers <= 1 or len(jobs) == 1: return [train_eval(**j) for j in jobs]
     for j in jobs: j["params"], j["features"] = dict(j["params"]), str(j["features"])
     # children inherit os.environ; make the folders explicit so that they agree with this process
-    os.environ.setdefault("AVAR_DATA_DIR", str(project_path("data"))); os.environ.setdefault("AVAR_RUNS_DIR", str(project_path("runs")))
+    os.environ.setdefault("AVAR_DATA_DIR", str(project_path("data")))
+    os.environ.setdefault("AVAR_RUNS_DIR", str(project_path("runs")))
     return _map(_train_job, jobs, min(workers, len(jobs)), desc="training runs")
 
 # %% ../nbs/15_experiments.ipynb #cell-20
@@ -359,7 +387,7 @@ def run_name(task: str, overrides: Mapping, seed: int) -> str:
     return f"{task}/{overrides.get('fusion', 'early')}-{t}{overrides.get('num_stages', 4) if t == 'mtcn' else ''}-s{seed}"
 
 _CLIP_METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
-_XD_METRICS = ("ap_official", "ap_sklearn", "roc_auc")
+_XD_METRICS = ("ap_official", "ap_stepwise", "roc_auc")
 
 def train_variants(features, params: Mapping, variants: Mapping[str, Mapping], task: str = "vaar",
                    seeds: Sequence[int] | None = None, train_overrides: Mapping | None = None) -> list[dict]:
@@ -369,13 +397,16 @@ def train_variants(features, params: Mapping, variants: Mapping[str, Mapping], t
     keys = [(label, ov, s, run_name(task, ov, s)) for label, ov in variants.items() for s in seeds]
     unique = {}
     for _, ov, s, name in keys:
-        unique.setdefault(name, dict(features=features, params=params, seed=s, model_overrides=ov, run_name=name, train_overrides=train_overrides))
+        unique.setdefault(name,
+                          dict(features=features, params=params, seed=s, model_overrides=ov, run_name=name,
+                               train_overrides=train_overrides))
     runs = dict(zip(unique, train_many(list(unique.values()))))
     rows = []
     for label, ov, s, name in keys:
         r = runs[name]; t = r["eval"]["test"]
         mets = _XD_METRICS if "ap_official" in t else _CLIP_METRICS
-        rows.append({"model": label, "seed": s, **{m: t[m] for m in mets}, "best_epoch": r["train"]["best_epoch"], "run": r})
+        rows.append({"model": label, "seed": s, **{m: t[m] for m in mets}, "best_epoch": r["train"]["best_epoch"],
+                     "run": r})
     return rows
 
 def evaluate_on(run: Mapping, features, split: str = "test") -> dict:
@@ -420,14 +451,16 @@ def run_outputs(run_dir, features, split: str | None = "test", device: str = "cp
     return res
 
 def xd_test_scores(run_dir, features, device: str = "cpu") -> dict:
-    "Per-video snippet scores of the XD test videos (test-list order), their names and n_frames, and the official frame-level gt."
+    """Per-video snippet scores of the XD test videos (test-list order), their names and n_frames, and the official
+    frame-level gt."""
     from avar_net.features import FeatureStore
     from avar_net.train import xd_test_ground_truth
     res = run_outputs(run_dir, features, "test", device)
     store = FeatureStore(features)
     by_id = {r["clip_id"]: r for r in store.records("test")}
     recs = [by_id[c] for c in res["clip_id"]]
-    return {"names": [Path(r.get("source") or r["clip_id"]).stem for r in recs], "n_frames": [int(r["n_frames"]) for r in recs],
+    return {"names": [Path(r.get("source") or r["clip_id"]).stem for r in recs],
+            "n_frames": [int(r["n_frames"]) for r in recs],
             "scores": [np.asarray(s, dtype=np.float64) for s in res["step_scores"]], "labels": list(res["label"]),
             "gt": xd_test_ground_truth(store, recs)}
 
@@ -456,7 +489,8 @@ def mean_std_table(rows: Sequence[Mapping], group_cols: Sequence[str], metric_co
             r[labels.get(m, m)] = f"{mu:.{decimals}f} ± {sd:.{decimals}f}"
             r[f"{m}_mean"], r[f"{m}_std"] = round(mu, 6), round(sd, 6)
         out.append(r)
-    cols = list(group_cols) + ["n_seeds"] + [labels.get(m, m) for m in metric_cols] + [f"{m}_{s}" for m in metric_cols for s in ("mean", "std")]
+    cols = list(group_cols) + ["n_seeds"] + [labels.get(m, m) for m in metric_cols] + [f"{m}_{s}" for m in metric_cols
+                                                                                       for s in ("mean", "std")]
     return pd.DataFrame(out)[cols]
 
 # %% ../nbs/15_experiments.ipynb #cell-31

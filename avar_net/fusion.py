@@ -19,7 +19,8 @@ def check_inputs(audio: torch.Tensor, video: torch.Tensor, mask: torch.Tensor | 
                  audio_dim: int | None = None, video_dim: int | None = None) -> torch.Tensor:
     "Validate `(B,T,Da)`, `(B,T,Dv)` and `mask (B,T)`; return the mask as bool (all `True` when `mask is None`)."
     if audio.dim() != 3 or video.dim() != 3:
-        raise DataError(f"expected audio (B,T,Da) and video (B,T,Dv), got {tuple(audio.shape)} and {tuple(video.shape)}")
+        raise DataError(f"expected audio (B,T,Da) and video (B,T,Dv), got {tuple(audio.shape)} and "
+                        f"{tuple(video.shape)}")
     if audio.shape[:2] != video.shape[:2]:
         raise DataError(f"audio {tuple(audio.shape)} and video {tuple(video.shape)} differ in batch or time steps")
     if audio_dim is not None and audio.shape[-1] != audio_dim:

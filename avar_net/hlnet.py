@@ -22,7 +22,8 @@ def length_mask(lengths, B: int, T: int, device=None) -> torch.Tensor:
     if lengths is None: return torch.ones(B, T, dtype=torch.bool, device=device)
     lengths = torch.as_tensor(lengths, device=device).reshape(-1)
     if lengths.numel() != B: raise DataError(f"{lengths.numel()} lengths for a batch of {B}")
-    if int(lengths.min()) < 1 or int(lengths.max()) > T: raise DataError(f"lengths must lie in 1..{T}, got {lengths.tolist()}")
+    if int(lengths.min()) < 1 or int(lengths.max()) > T:
+        raise DataError(f"lengths must lie in 1..{T}, got {lengths.tolist()}")
     return torch.arange(T, device=device)[None] < lengths[:, None]
 
 def masked_row_softmax(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -32,7 +33,8 @@ def masked_row_softmax(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 # %% ../nbs/17_hlnet.ipynb #11cf2c39
 class GraphConvolution(nn.Module):
-    "`GC(h, A) = A (h W) + residual(h)` for `h (B,T,Din)`, `A (B,T,T)`; residual: Conv1d k=5 if Din != Dout else identity."
+    """`GC(h, A) = A (h W) + residual(h)` for `h (B,T,Din)`, `A (B,T,T)`; residual: Conv1d k=5 if Din != Dout else
+    identity."""
     def __init__(self, in_features: int, out_features: int, residual_kernel: int = 5):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -133,10 +135,12 @@ def _read_state(path: Path) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         try: return load_file(str(path))
-        except Exception as e: raise WeightsError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+        except Exception as e:
+            raise WeightsError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     try: sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise WeightsError(f"{path}: refused to load ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+        raise WeightsError(f"{path}: refused to load ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200] if str(e) else ''}); "
                            "only a plain state dict of tensors is accepted (torch.load weights_only=True)") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict): sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -154,15 +158,20 @@ def load_hlnet(path, input_dim: int | None = None, device="cpu", **kw) -> HLNet:
     net = HLNet(input_dim, **kw)
     want = net.state_dict()
     missing, extra = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
-    if missing or extra: raise WeightsError(f"{path}: not an HL-Net({input_dim}) state dict: missing {missing[:4]}, unexpected {extra[:4]}")
+    if missing or extra:
+        raise WeightsError(f"{path}: not an HL-Net({input_dim}) state dict: missing {missing[:4]}, unexpected "
+                           f"{extra[:4]}")
     for k, v in want.items():
-        if sd[k].shape != v.shape: raise WeightsError(f"{path}: {k} has shape {tuple(sd[k].shape)}, HLNet({input_dim}) expects {tuple(v.shape)}")
+        if sd[k].shape != v.shape:
+            raise WeightsError(f"{path}: {k} has shape {tuple(sd[k].shape)}, HLNet({input_dim}) expects "
+                               f"{tuple(v.shape)}")
         if not torch.isfinite(sd[k]).all(): raise WeightsError(f"{path}: {k} contains NaN or Inf")
     net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
     return net.to(device).eval()
 
 def convert_hlnet_checkpoint(src, dst) -> Path:
-    "Write the tensors of a released HL-Net checkpoint `src` to safetensors `dst` (checked by `load_hlnet`), atomically."
+    """Write the tensors of a released HL-Net checkpoint `src` to safetensors `dst` (checked by `load_hlnet`),
+    atomically."""
     from safetensors.torch import save
     net = load_hlnet(src)
     atomic_write_bytes(dst, save({k: v.contiguous() for k, v in net.state_dict().items()},
@@ -172,10 +181,12 @@ def convert_hlnet_checkpoint(src, dst) -> Path:
 # %% ../nbs/17_hlnet.ipynb #e9a9cd13
 def official_hlnet_shapes(input_dim: int = 1152) -> dict[str, tuple]:
     "Key -> shape of the authors' released HL-Net state dict for `input_dim`-d features (31 tensors)."
-    s = {"conv1d1.weight": (512, input_dim, 1), "conv1d1.bias": (512,), "conv1d2.weight": (128, 512, 1), "conv1d2.bias": (128,),
-         "conv1d3.weight": (32, 128, 5), "conv1d3.bias": (32,), "conv1d4.weight": (32, 32, 5), "conv1d4.bias": (32,)}
+    s = {"conv1d1.weight": (512, input_dim, 1), "conv1d1.bias": (512,), "conv1d2.weight": (128, 512, 1),
+         "conv1d2.bias": (128,), "conv1d3.weight": (32, 128, 5), "conv1d3.bias": (32,), "conv1d4.weight": (32, 32, 5),
+         "conv1d4.bias": (32,)}
     for a, b in (("gc1", "gc2"), ("gc3", "gc4"), ("gc5", "gc6")):
-        s.update({f"{a}.weight": (128, 32), f"{a}.residual.weight": (32, 128, 5), f"{a}.residual.bias": (32,), f"{b}.weight": (32, 32)})
+        s.update({f"{a}.weight": (128, 32), f"{a}.residual.weight": (32, 128, 5), f"{a}.residual.bias": (32,),
+                  f"{b}.weight": (32, 32)})
     s.update({"simAdj.weight0": (input_dim, 32), "simAdj.weight1": (input_dim, 32), "disAdj.sigma": (1,),
               "classifier.weight": (1, 96), "classifier.bias": (1,), "approximator.0.weight": (64, 128, 1),
               "approximator.0.bias": (64,), "approximator.2.weight": (32, 64, 1), "approximator.2.bias": (32,),
@@ -200,10 +211,13 @@ def hlnet_loss(offline: torch.Tensor, online: torch.Tensor, label: torch.Tensor,
 
 # %% ../nbs/17_hlnet.ipynb #c17ba0b5
 class HLNetTemporal(nn.Module):
-    "HL-Net behind AVARNet's fusion: `(B,T,D)`, mask -> `(2,B,T,2)`: stage 0 online, stage 1 offline, as logits `[0, ℓ]`."
+    """HL-Net behind AVARNet's fusion: `(B,T,D)`, mask -> `(2,B,T,2)`: stage 0 online, stage 1 offline, as logits
+    `[0, ℓ]`."""
     def __init__(self, in_dim: int, num_classes: int = 2, dropout: float = 0.6, **hlnet_kw):
         super().__init__()
-        if num_classes != 2: raise ConfigError(f"temporal 'hlnet' scores anomalies (task 'xd', 2 classes), got num_classes={num_classes}")
+        if num_classes != 2:
+            raise ConfigError("temporal 'hlnet' scores anomalies (task 'xd', 2 classes), got "
+                              f"num_classes={num_classes}")
         self.net = HLNet(in_dim, dropout=dropout, **hlnet_kw)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 import numpy as np
 import torch
+from fastcore.basics import patch
 from .core import ConfigError, DataError, DecodeError, WeightsError, auto_device, set_style, save_figure
 from .features import FeatureConfig, build_extractors, extract_clip
 from .train import load_run
@@ -18,11 +19,13 @@ __all__ = ['Predictor', 'plot_timeline']
 _CHECKED = ("audio_weights", "video_weights", "size")   # what must match between training features and inference
 
 def _same(a, b) -> bool:
-    "Equal settings; weight ids `<where>@sha256:<hash>` are equal when their hashes are (a copy elsewhere is the same weights)."
+    """Equal settings; weight ids `<where>@sha256:<hash>` are equal when their hashes are (a copy elsewhere is the
+    same weights)."""
     if isinstance(a, str) and isinstance(b, str) and "@sha256:" in a and "@sha256:" in b:
         return a.rsplit("@sha256:", 1)[1] == b.rsplit("@sha256:", 1)[1]
     return a == b
 
+# %% ../nbs/12_infer.ipynb #79193c12
 class Predictor:
     "Load a run's best model and the extractors of its training features; `predict(video_path)` -> dict."
     def __init__(self, run_dir, device="auto", checkpoint: str = "best", extractors=None):
@@ -30,10 +33,14 @@ class Predictor:
         self.device = auto_device(device)
         self.model, self.config = load_run(self.run_dir, checkpoint, device=self.device)
         f = self.config.get("features") or {}
-        if "config" not in f: raise ConfigError(f"{self.run_dir / 'config.json'}: no extraction config recorded for the training features")
+        if "config" not in f:
+            raise ConfigError(f"{self.run_dir / 'config.json'}: no extraction config recorded for the training "
+                              "features")
         if (f.get("resolved") or {}).get("source") == "xd-official-release":
-            raise ConfigError(f"{self.run_dir}: trained on the official pre-extracted XD-Violence I3D + VGGish features "
-                              "(avar-net import-xd); predicting from video needs those extractors, which avar_net does not have")
+            raise ConfigError(f"{self.run_dir}: trained on the official pre-extracted XD-Violence I3D + VGGish "
+                              "features "
+                              "(avar-net import-xd); predicting from video needs those extractors, which avar_net does "
+                              "not have")
         fc = {**f["config"], "device": str(self.device)}
         if fc.get("precision") == "int8":       # trained on int8 features: keep int8 where it runs, else the auto path
             from avar_net.audio import int8_supported
@@ -41,8 +48,11 @@ class Predictor:
         self.feature_cfg = FeatureConfig.from_dict(fc)
         self.extractors = extractors or build_extractors(self.feature_cfg)
         want, got = f.get("resolved") or {}, self.extractors.resolved
-        diff = [f"{k}: trained on {want.get(k)!r}, now {got.get(k)!r}" for k in _CHECKED if k in want and not _same(want.get(k), got.get(k))]
-        if diff: raise WeightsError(f"{self.run_dir}: the feature extractors differ from those of the training features ({'; '.join(diff)})")
+        diff = [f"{k}: trained on {want.get(k)!r}, now {got.get(k)!r}" for k in _CHECKED if k in want
+                and not _same(want.get(k), got.get(k))]
+        if diff:
+            raise WeightsError(f"{self.run_dir}: the feature extractors differ from those of the training features "
+                               f"({'; '.join(diff)})")
         keys = ("audio_precision", "video_precision", "audio_int8_scheme", "video_int8_scheme")
         self.precision_note = None if all(want.get(k) == got.get(k) for k in keys) else \
             f"extractor precision {got.get('audio_precision')}/{got.get('video_precision')} differs from training " \
@@ -74,26 +84,28 @@ class Predictor:
         return {"top": top, "step_scores": np.clip(scores, 0, 1).tolist(), "step_score_kind": kind,
                 "step_probs": step_probs.tolist()}
 
-    def predict(self, video_path, top: int | None = 5) -> dict:
-        "Decode, extract and predict one video file; JSON-serialisable result (see the table above)."
-        path = Path(video_path)
-        if not path.is_file(): raise DecodeError(path, "file not found")
-        res = extract_clip(path, self.extractors, self.feature_cfg)
-        pred = self.predict_features(res["audio"], res["video"])
-        if top is not None:
-            if top < 1: raise ConfigError(f"top must be >= 1, got {top}")
-            pred["top"] = pred["top"][:top]
-        has_audio = bool(res["has_audio"])
-        out = {"path": str(path), "task": self.task, "label": pred["top"][0][0], **pred,
-               "step_times": [float(t) for t in np.asarray(res["step_start_s"])], "step_s": float(res["grid"].step_s),
-               "duration_s": float(res["duration_s"]), "has_audio": has_audio,
-               "audio_note": None if has_audio else "no audio track: audio features are zeros (video only)",
-               "class_names": self.class_names,
-               "model": {"run_dir": str(self.run_dir), "checkpoint": self.config["checkpoint"]["which"],
-                         "epoch": self.config["checkpoint"]["epoch"]}}
-        if self.precision_note: out["note"] = self.precision_note
-        if "n_frames" in res: out["n_frames"] = int(res["n_frames"])
-        return out
+# %% ../nbs/12_infer.ipynb #822270c5
+@patch
+def predict(self: Predictor, video_path, top: int | None = 5) -> dict:
+    "Decode, extract and predict one video file; JSON-serialisable result (see the table above)."
+    path = Path(video_path)
+    if not path.is_file(): raise DecodeError(path, "file not found")
+    res = extract_clip(path, self.extractors, self.feature_cfg)
+    pred = self.predict_features(res["audio"], res["video"])
+    if top is not None:
+        if top < 1: raise ConfigError(f"top must be >= 1, got {top}")
+        pred["top"] = pred["top"][:top]
+    has_audio = bool(res["has_audio"])
+    out = {"path": str(path), "task": self.task, "label": pred["top"][0][0], **pred,
+           "step_times": [float(t) for t in np.asarray(res["step_start_s"])], "step_s": float(res["grid"].step_s),
+           "duration_s": float(res["duration_s"]), "has_audio": has_audio,
+           "audio_note": None if has_audio else "no audio track: audio features are zeros (video only)",
+           "class_names": self.class_names,
+           "model": {"run_dir": str(self.run_dir), "checkpoint": self.config["checkpoint"]["which"],
+                     "epoch": self.config["checkpoint"]["epoch"]}}
+    if self.precision_note: out["note"] = self.precision_note
+    if "n_frames" in res: out["n_frames"] = int(res["n_frames"])
+    return out
 
 # %% ../nbs/12_infer.ipynb #cell-9
 def _thumbnails(path, duration_s: float, n: int, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
@@ -108,11 +120,13 @@ def plot_timeline(result: dict, out_png, n_thumbs: int = 8, caption: str = "") -
     "Draw `result['step_scores']` over time under a strip of frame thumbnails; write `out_png`; return its path."
     from matplotlib.figure import Figure
     out_png = Path(out_png)
-    if out_png.suffix.lower() != ".png": raise ConfigError(f"{out_png}: the timeline is written as PNG (use a .png name)")
+    if out_png.suffix.lower() != ".png":
+        raise ConfigError(f"{out_png}: the timeline is written as PNG (use a .png name)")
     set_style()
     t0 = np.asarray(result["step_times"], dtype=float)
     s = np.asarray(result["step_scores"], dtype=float)
-    if len(t0) != len(s) or len(s) == 0: raise DataError(f"{result.get('path')}: step_times and step_scores differ in length or are empty")
+    if len(t0) != len(s) or len(s) == 0:
+        raise DataError(f"{result.get('path')}: step_times and step_scores differ in length or are empty")
     step, dur = float(result["step_s"]), float(result.get("duration_s") or t0[-1] + result["step_s"])
     end = max(dur, t0[-1] + step)
     fig = Figure(figsize=(8, 3.8))
@@ -130,7 +144,8 @@ def plot_timeline(result: dict, out_png, n_thumbs: int = 8, caption: str = "") -
     ax1.set_xlim(0, end); ax1.set_ylim(0, 1.02)
     ax1.set_xlabel("time (s)"); ax1.set_ylabel("anomaly score"); ax1.legend(loc="upper right")
     name, p = result["top"][0]
-    title = f"{Path(result['path']).name}: {name} ({p:.0%})" + ("" if result.get("has_audio", True) else "  [no audio track]")
+    title = f"{Path(result['path']).name}: {name} ({p:.0%})" + ("" if result.get("has_audio", True)
+                                                                else "  [no audio track]")
     ax0.set_title(title)
     return save_figure(fig, out_png.stem, caption=caption or f"anomaly timeline of {Path(result['path']).name}",
                        out_dir=out_png.parent)

@@ -29,7 +29,8 @@ def classification_metrics(y_true, y_pred, num_classes: int | None = None,
     yt, yp = _as_int_labels(y_true, "y_true"), _as_int_labels(y_pred, "y_pred")
     if len(yt) != len(yp): raise DataError(f"y_true has {len(yt)} labels but y_pred has {len(yp)}")
     if len(yt) == 0: raise DataError("no samples to evaluate")
-    if num_classes is None: num_classes = len(class_names) if class_names is not None else int(max(yt.max(), yp.max()) + 1)
+    if num_classes is None:
+        num_classes = len(class_names) if class_names is not None else int(max(yt.max(), yp.max()) + 1)
     if class_names is None: class_names = [str(i) for i in range(num_classes)]
     if len(class_names) != num_classes: raise ConfigError(f"{len(class_names)} class names for {num_classes} classes")
     for name, a in (("y_true", yt), ("y_pred", yp)):
@@ -50,7 +51,8 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return np.where(x >= 0, 1 / (1 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1 + np.exp(-np.abs(x))))
 
 def xd_snippet_to_frames(scores_per_video: Sequence, frames_per_snippet: int = 16, logits: bool = False) -> np.ndarray:
-    "Average crops (axis 0 of a `(crops, T)` array), repeat every snippet score `frames_per_snippet` times, concatenate."
+    """Average crops (axis 0 of a `(crops, T)` array), repeat every snippet score `frames_per_snippet` times,
+    concatenate."""
     out = []
     for i, s in enumerate(scores_per_video):
         a = np.asarray(s.detach().float().cpu().numpy() if hasattr(s, "detach") else s, dtype=np.float64)
@@ -62,7 +64,8 @@ def xd_snippet_to_frames(scores_per_video: Sequence, frames_per_snippet: int = 1
     return np.concatenate(out) if out else np.zeros(0)
 
 def xd_frame_ap(scores_per_video: Sequence, gt, frames_per_snippet: int = 16, logits: bool = False) -> dict:
-    "Frame-level AP exactly as XD-Violence's official code (`ap_official`), the step-wise AP (`ap_sklearn`) and ROC AUC."
+    """Frame-level AP exactly as XD-Violence's official code (`ap_official`), the step-wise AP (`ap_stepwise`) and
+    ROC AUC."""
     from sklearn.metrics import precision_recall_curve, auc, average_precision_score, roc_auc_score
     scores = xd_snippet_to_frames(scores_per_video, frames_per_snippet, logits)
     gt = np.asarray(gt)
@@ -73,11 +76,12 @@ def xd_frame_ap(scores_per_video: Sequence, gt, frames_per_snippet: int = 16, lo
                         "- features misaligned with the test list / annotations (not truncating)")
     if not np.isin(gt, (0, 1)).all(): raise DataError("ground truth must contain only 0 and 1")
     gt = gt.astype(np.int64)
-    if gt.min() == gt.max(): raise DataError(f"ground truth has only {'positive' if gt[0] else 'negative'} frames: AP is undefined")
+    if gt.min() == gt.max():
+        raise DataError(f"ground truth has only {'positive' if gt[0] else 'negative'} frames: AP is undefined")
     precision, recall, _ = precision_recall_curve(gt, scores)
-    return {"ap_official": float(auc(recall, precision)), "ap_sklearn": float(average_precision_score(gt, scores)),
-            "roc_auc": float(roc_auc_score(gt, scores)), "n_frames": int(len(gt)), "n_videos": int(len(scores_per_video)),
-            "positive_rate": float(gt.mean())}
+    return {"ap_official": float(auc(recall, precision)), "ap_stepwise": float(average_precision_score(gt, scores)),
+            "roc_auc": float(roc_auc_score(gt, scores)), "n_frames": int(len(gt)),
+            "n_videos": int(len(scores_per_video)), "positive_rate": float(gt.mean())}
 
 # %% ../nbs/10_metrics.ipynb #cell-17
 def count_parameters(model, trainable_only: bool = False) -> int:

@@ -23,6 +23,7 @@ __all__ = ['TASKS', 'TEMPORALS', 'AVARNetConfig', 'FeatureScaler', 'AVARNet']
 TASKS = ("clip", "xd")
 TEMPORALS = {**TEMPORAL, "hlnet": HLNetTemporal}   # the temporal models AVARNet can build
 
+# %% ../nbs/08_model.ipynb #424f947f
 @dataclass
 class AVARNetConfig:
     "Everything that defines an `AVARNet` architecture and its loss."
@@ -42,7 +43,6 @@ class AVARNetConfig:
     standardize: bool = True
 
     def __post_init__(self): self.validate()
-
     def validate(self) -> "AVARNetConfig":
         "Raise `ConfigError` for any bad value."
         def pos_int(name, lo=1):
@@ -53,7 +53,8 @@ class AVARNetConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
                or not (lo < v if lo_open else lo <= v) or not v < hi:
-                raise ConfigError(f"AVARNetConfig.{name} must be a number in {'(' if lo_open else '['}{lo}, {hi}), got {v!r}")
+                raise ConfigError(f"AVARNetConfig.{name} must be a number in {'(' if lo_open else '['}{lo}, {hi}), "
+                                  f"got {v!r}")
             setattr(self, name, float(v))
         for n in ("audio_dim", "video_dim", "num_stages", "num_layers", "num_f_maps"): pos_int(n)
         pos_int("num_classes", 2)
@@ -67,7 +68,8 @@ class AVARNetConfig:
         if self.temporal == "hlnet" and self.task != "xd":
             raise ConfigError("temporal 'hlnet' scores anomalies: it needs task 'xd'")
         if self.task == "xd" and self.num_classes != 2:
-            raise ConfigError(f"task 'xd' predicts 2 per-step classes (normal, anomalous): set num_classes=2, got {self.num_classes}")
+            raise ConfigError("task 'xd' predicts 2 per-step classes (normal, anomalous): set num_classes=2, got "
+                              f"{self.num_classes}")
         return self
 
     def to_dict(self) -> dict[str, Any]: return asdict(self)
@@ -88,6 +90,7 @@ def _temporal(cfg: AVARNetConfig, in_dim: int) -> nn.Module:
     if cfg.temporal == "hlnet": kw = dict(dropout=cfg.dropout)
     return TEMPORALS[cfg.temporal](in_dim, cfg.num_classes, **kw)
 
+# %% ../nbs/08_model.ipynb #b1a529da
 class FeatureScaler(nn.Module):
     """Per-dimension standardisation of the two feature streams, `(x - mean) / std`, with statistics of the training
     split held as buffers (saved with the model). Unfitted it is the identity; `fit` sets it; padded steps stay 0."""
@@ -109,25 +112,32 @@ class FeatureScaler(nn.Module):
             for m, x in (("audio", a), ("video", v)):
                 x = np.asarray(x, dtype=np.float64)
                 d = getattr(self, f"{m}_mean").numel()
-                if x.ndim != 2 or x.shape[1] != d: raise DataError(f"FeatureScaler.fit: clip {k}: {m} features have shape {x.shape}, expected (T, {d})")
-                if not np.isfinite(x).all(): raise DataError(f"FeatureScaler.fit: clip {k}: {m} features contain NaN or Inf")
+                if x.ndim != 2 or x.shape[1] != d:
+                    raise DataError(f"FeatureScaler.fit: clip {k}: {m} features have shape {x.shape}, expected (T, "
+                                    f"{d})")
+                if not np.isfinite(x).all():
+                    raise DataError(f"FeatureScaler.fit: clip {k}: {m} features contain NaN or Inf")
                 if not len(x): continue
                 n, mean, m2 = st[m]; nb, mb = len(x), x.mean(0)
                 delta, tot = mb - mean, n + nb
                 st[m] = [tot, mean + delta * nb / tot, m2 + ((x - mb) ** 2).sum(0) + delta ** 2 * n * nb / tot]
-            if st["audio"][0] != st["video"][0]: raise DataError(f"FeatureScaler.fit: clip {k}: audio and video have different lengths")
+            if st["audio"][0] != st["video"][0]:
+                raise DataError(f"FeatureScaler.fit: clip {k}: audio and video have different lengths")
         if st["audio"][0] < 2: raise DataError(f"FeatureScaler.fit needs at least 2 steps, got {st['audio'][0]}")
         for m, (n, mean, m2) in st.items():
             var = m2 / n
             std = np.sqrt(var + self.VAR_FLOOR * var.mean() + 1e-12)
-            getattr(self, f"{m}_mean").copy_(torch.from_numpy(mean)); getattr(self, f"{m}_std").copy_(torch.from_numpy(std))
+            getattr(self, f"{m}_mean").copy_(torch.from_numpy(mean))
+            getattr(self, f"{m}_std").copy_(torch.from_numpy(std))
         self.fitted_steps.fill_(int(st["audio"][0]))
         return self
 
-    def forward(self, audio: torch.Tensor, video: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, audio: torch.Tensor, video: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                             torch.Tensor]:
         m = mask.unsqueeze(-1).to(audio.dtype)
         return (audio - self.audio_mean) / self.audio_std * m, (video - self.video_mean) / self.video_std * m
 
+# %% ../nbs/08_model.ipynb #1eb813ed
 class AVARNet(nn.Module):
     "Features → fusion → temporal model → heads. `AVARNet(cfg)`; `forward(audio, video, mask) -> dict`."
     def __init__(self, cfg: AVARNetConfig | Mapping | None = None):
@@ -138,12 +148,14 @@ class AVARNet(nn.Module):
         if self.cfg.standardize: self.scaler = FeatureScaler(self.cfg.audio_dim, self.cfg.video_dim)
         self.fusion = make_fusion(self.cfg.fusion, self.cfg.audio_dim, self.cfg.video_dim, self.cfg.proj_dim)
         if self.late:
-            self.temporal = nn.ModuleDict({m: _temporal(self.cfg, d) for m, d in zip(("audio", "video"), self.fusion.out_dim)})
+            self.temporal = nn.ModuleDict({m: _temporal(self.cfg, d) for m,
+                                           d in zip(("audio", "video"), self.fusion.out_dim)})
         else:
             self.temporal = _temporal(self.cfg, self.fusion.out_dim)
 
     def fuse(self, audio: torch.Tensor, video: torch.Tensor, mask: torch.Tensor | None = None):
-        "What the temporal model sees: the fusion of the (standardised) streams, `(B,T,D)`; late fusion: `(audio, video)`."
+        """What the temporal model sees: the fusion of the (standardised) streams, `(B,T,D)`; late fusion: `(audio,
+        video)`."""
         mask = check_inputs(audio, video, mask, self.cfg.audio_dim, self.cfg.video_dim)
         if self.cfg.standardize: audio, video = self.scaler(audio, video, mask)
         return self.fusion(audio, video, mask)
@@ -189,12 +201,14 @@ def loss(self: AVARNet, out: dict, label: torch.Tensor, mask: torch.Tensor | Non
             raise ConfigError(f"class_weights must have shape ({C},), got {tuple(class_weights.shape)}")
     parts = out["branch_stage_logits"].values() if self.late else [stage]
     if self.cfg.temporal == "hlnet":     # HL-Net's published loss: offline = last stage, online = stage 0
-        per = sum(hlnet_loss(anomaly_logits(p[-1]), anomaly_logits(p[0]), label, mask.sum(1), reduction="none") for p in parts)
+        per = sum(hlnet_loss(anomaly_logits(p[-1]), anomaly_logits(p[0]), label, mask.sum(1), reduction="none")
+                  for p in parts)
         if reduction == "none": return per
         w = torch.ones_like(per) if class_weights is None else class_weights[label.long()]
         return (per * w).sum() / w.sum()
     fn = clip_loss if self.cfg.task == "clip" else mil_loss
-    return sum(fn(p, label, mask.bool(), self.cfg.smooth_weight, self.cfg.tau, weight=class_weights, reduction=reduction) for p in parts)
+    return sum(fn(p, label, mask.bool(), self.cfg.smooth_weight, self.cfg.tau, weight=class_weights,
+                  reduction=reduction) for p in parts)
 
 # %% ../nbs/08_model.ipynb #cell-22
 _META_KEYS = ("model_type", "avar_net_version")
@@ -215,6 +229,7 @@ def save_pretrained(self: AVARNet, save_dir) -> Path:
     atomic_write_json(d / "config.json", {"model_type": "avar_net", "avar_net_version": __version__, **cfg})
     return d
 
+# %% ../nbs/08_model.ipynb #ec461690
 def _read_config(path: Path) -> AVARNetConfig:
     try: raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -251,7 +266,8 @@ def from_pretrained(cls: AVARNet, load_dir, device="cpu") -> "AVARNet":
         diff = {k: (saved.get(k), v) for k, v in cfg.to_dict().items()
                 if saved.get(k) != v and k not in _TRAINING_ONLY}
         if diff or set(saved) - set(cfg.to_dict()):
-            what = ", ".join(f"{k}: {s!r} (tensors) vs {c!r} (config.json)" for k, (s, c) in diff.items()) or "extra keys"
+            what = ", ".join(f"{k}: {s!r} (tensors) vs {c!r} (config.json)" for k,
+                             (s, c) in diff.items()) or "extra keys"
             raise WeightsError(f"{w_path} was saved with a different config than {cfg_path}: {what}")
     model = cls(cfg)
     expected = model.state_dict()
@@ -264,7 +280,8 @@ def from_pretrained(cls: AVARNet, load_dir, device="cpu") -> "AVARNet":
     for k, want in expected.items():
         got = tensors[k]
         if got.dtype != want.dtype or got.shape != want.shape:
-            raise WeightsError(f"{w_path}: tensor {k!r} expected {_fmt(want)} (from {cfg_path.name}), found {_fmt(got)}")
+            raise WeightsError(f"{w_path}: tensor {k!r} expected {_fmt(want)} (from {cfg_path.name}), found "
+                               f"{_fmt(got)}")
         if got.is_floating_point() and not torch.isfinite(got).all():
             raise WeightsError(f"{w_path}: tensor {k!r} contains NaN or Inf")
     model.load_state_dict(tensors, strict=True)

@@ -28,7 +28,8 @@ PRETRAIN_SEED_BASE = 2 ** 32    # evaluation clip seeds are 32-bit: every pretra
 def pretrain_seed(seed: int, index: int) -> int:
     "Render seed of pretraining example `index` of corpus `seed`; always >= 2**32, so never an evaluation clip's seed."
     if seed < 0 or index < 0: raise ConfigError(f"seed and index must be non-negative, got {seed}, {index}")
-    return PRETRAIN_SEED_BASE + int(np.random.SeedSequence([int(seed), 0x5052, int(index)]).generate_state(1, np.uint64)[0] >> 2)
+    return PRETRAIN_SEED_BASE + int(np.random.SeedSequence([int(seed), 0x5052, int(index)]).generate_state(1,
+                                                                                                           np.uint64)[0] >> 2)
 
 # %% ../nbs/16_pretrain.ipynb #cell-9
 def _scene(s: int, dur: float):
@@ -42,7 +43,8 @@ def render_visual_example(seed: int, index: int, size: int = 64, n_frames: int =
     sc, tl = _scene(s, float(rng.uniform(1.5, 3.0)))
     t = np.arange(int(tl.t_end * fps)) / fps
     inside = np.flatnonzero((t >= tl.t_on + 0.1 * (tl.t_off - tl.t_on)) & (t <= tl.t_off))
-    pick = np.sort(rng.choice(inside, size=min(n_frames, len(inside)), replace=False)) if len(inside) else np.array([len(t) // 2])
+    pick = np.sort(rng.choice(inside, size=min(n_frames, len(inside)),
+                              replace=False)) if len(inside) else np.array([len(t) // 2])
     F = _synth._render_frames(size, t[pick], fps, s, sc, [(VISUAL_SOURCES[label], tl)])
     return _synth._finish_frames(F, s, sc, _synth.Degradation()), label
 
@@ -82,7 +84,8 @@ def sound_corpus(n: int, seed: int = 0, sr: int = 16000, window_s: float = 1.0, 
 
 # %% ../nbs/16_pretrain.ipynb #cell-17
 def overlap_with(eval_frames, eval_audio, corpus_frames, corpus_audio) -> int:
-    "Number of pretraining frames or waveforms byte-identical to an evaluation frame or waveform segment of the same length."
+    """Number of pretraining frames or waveforms byte-identical to an evaluation frame or waveform segment of the
+    same length."""
     seen = {hashlib.sha256(np.ascontiguousarray(f).tobytes()).hexdigest() for f in eval_frames}
     hits = sum(hashlib.sha256(np.ascontiguousarray(f).tobytes()).hexdigest() in seen for f in corpus_frames)
     for w in corpus_audio:
@@ -96,15 +99,16 @@ def small_wav2vec2_config(**kw):
     from transformers import Wav2Vec2Config
     return Wav2Vec2Config(**{**dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, intermediate_size=192,
         conv_dim=(64,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, feat_extract_norm="group",
-        do_stable_layer_norm=False, num_labels=len(SOUND_SOURCES), classifier_proj_size=96, use_weighted_layer_sum=False,
-        codevector_dim=64, proj_codevector_dim=64, num_codevector_groups=2, num_codevectors_per_group=64,
-        mask_time_prob=0.5, mask_time_length=5, num_negatives=20, layerdrop=0.0), **kw})
+        do_stable_layer_norm=False, num_labels=len(SOUND_SOURCES), classifier_proj_size=96,
+        use_weighted_layer_sum=False, codevector_dim=64, proj_codevector_dim=64, num_codevector_groups=2,
+        num_codevectors_per_group=64, mask_time_prob=0.5, mask_time_length=5, num_negatives=20, layerdrop=0.0), **kw})
 
 def small_mobilevit(num_classes: int = len(VISUAL_SOURCES), size: int = 64):
     "The synth-pretrained MobileViT: timm `mobilevit_xxs` at `size` px with a `num_classes` head."
     import timm
     return timm.create_model("mobilevit_xxs", pretrained=False, num_classes=num_classes,
-                             pretrained_cfg_overlay=dict(input_size=(3, size, size), crop_pct=1.0, num_classes=num_classes))
+                             pretrained_cfg_overlay=dict(input_size=(3, size, size), crop_pct=1.0,
+                                                         num_classes=num_classes))
 
 # %% ../nbs/16_pretrain.ipynb #cell-23
 @dataclass(frozen=True)
@@ -117,14 +121,16 @@ class PretrainConfig:
     holdout: float = 0.1                   # share of the corpus kept out of training to report held-out accuracy
 
 PRETRAIN_SIZES = {"default": PretrainConfig(),
-                  "tiny": PretrainConfig(name="tiny", frames=96, video_steps=4, video_batch=16, sounds=40, audio_steps=4,
-                                         audio_batch=8)}
+                  "tiny": PretrainConfig(name="tiny", frames=96, video_steps=4, video_batch=16, sounds=40,
+                                         audio_steps=4, audio_batch=8)}
 
 def pretrain_config(size="default", **kw) -> PretrainConfig:
     if isinstance(size, PretrainConfig): cfg = replace(size, **kw)
-    elif size not in PRETRAIN_SIZES: raise ConfigError(f"unknown pretraining size {size!r}; expected one of {sorted(PRETRAIN_SIZES)}")
+    elif size not in PRETRAIN_SIZES:
+        raise ConfigError(f"unknown pretraining size {size!r}; expected one of {sorted(PRETRAIN_SIZES)}")
     else: cfg = replace(PRETRAIN_SIZES[size], **kw)
-    if cfg.audio_objective not in ("sources", "contrastive"): raise ConfigError(f"audio_objective must be 'sources' or 'contrastive', got {cfg.audio_objective!r}")
+    if cfg.audio_objective not in ("sources", "contrastive"):
+        raise ConfigError(f"audio_objective must be 'sources' or 'contrastive', got {cfg.audio_objective!r}")
     return cfg
 
 # %% ../nbs/16_pretrain.ipynb #cell-25
@@ -141,7 +147,8 @@ def train_video(X: np.ndarray, y: np.ndarray, cfg: PretrainConfig, seed: int = 0
     torch.manual_seed(seed); g = torch.Generator().manual_seed(seed)
     model = small_mobilevit(len(VISUAL_SOURCES), cfg.frame_size).train()
     Xt = torch.from_numpy(X).permute(0, 3, 1, 2); yt = torch.from_numpy(y)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.video_lr, weight_decay=0.05); sched = _schedule(opt, cfg.video_lr, cfg.video_steps)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.video_lr, weight_decay=0.05)
+    sched = _schedule(opt, cfg.video_lr, cfg.video_steps)
     losses = []
     for _ in range(cfg.video_steps):
         b = torch.from_numpy(tr)[torch.randint(0, len(tr), (cfg.video_batch,), generator=g)]
@@ -161,7 +168,8 @@ def _normalize(W: np.ndarray) -> torch.Tensor:
     return (W - W.mean(1, keepdim=True)) / (W.std(1, keepdim=True) + 1e-7)
 
 def train_audio(W: np.ndarray, y: np.ndarray, cfg: PretrainConfig, seed: int = 0, progress=None):
-    "Train the small Wav2Vec2 on waveforms `W` with `cfg.audio_objective`; returns `(model, losses, held-out accuracy)`."
+    """Train the small Wav2Vec2 on waveforms `W` with `cfg.audio_objective`; returns `(model, losses, held-out
+    accuracy)`."""
     from transformers import Wav2Vec2ForPreTraining, Wav2Vec2ForSequenceClassification
     from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
     tr, ho = _split(len(W), cfg.holdout, seed)
@@ -170,18 +178,22 @@ def train_audio(W: np.ndarray, y: np.ndarray, cfg: PretrainConfig, seed: int = 0
     sup = cfg.audio_objective == "sources"
     model = (Wav2Vec2ForSequenceClassification if sup else Wav2Vec2ForPreTraining)(conf).train()
     Wt, yt = _normalize(W), torch.from_numpy(y)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.audio_lr, weight_decay=0.01); sched = _schedule(opt, cfg.audio_lr, cfg.audio_steps)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.audio_lr, weight_decay=0.01)
+    sched = _schedule(opt, cfg.audio_lr, cfg.audio_steps)
     T = int(model._get_feat_extract_output_lengths(Wt.shape[1]))
     losses, np_state = [], np.random.get_state()
     for _ in range(cfg.audio_steps):
         b = torch.from_numpy(tr)[torch.randint(0, len(tr), (cfg.audio_batch,), generator=g)]
-        np.random.seed(int(rng.integers(2 ** 31)))   # transformers' time masking (SpecAugment) and negative sampling use numpy's global RNG
+        # transformers' time masking (SpecAugment) and negative sampling use numpy's global RNG
+        np.random.seed(int(rng.integers(2 ** 31)))
         if sup: loss = model(Wt[b], labels=yt[b]).loss
         else:
             mask = _compute_mask_indices((len(b), T), conf.mask_time_prob, conf.mask_time_length, min_masks=2)
             neg = _sample_negative_indices((len(b), T), conf.num_negatives, mask_time_indices=mask)
-            loss = model(Wt[b], mask_time_indices=torch.from_numpy(mask), sampled_negative_indices=torch.from_numpy(neg)).loss / len(b)
-        opt.zero_grad(set_to_none=True); loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0); opt.step(); sched.step()
+            loss = model(Wt[b], mask_time_indices=torch.from_numpy(mask),
+                         sampled_negative_indices=torch.from_numpy(neg)).loss / len(b)
+        opt.zero_grad(set_to_none=True); loss.backward(); torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step(); sched.step()
         losses.append(float(loss)); progress and progress(1)
     np.random.set_state(np_state)
     model.eval(); acc = float("nan")
@@ -201,7 +213,8 @@ def save_audio_backbone(model, out_dir) -> Path:
     "Write a transformers folder (config.json, model.safetensors, preprocessor_config.json) for `model`."
     from transformers import Wav2Vec2FeatureExtractor
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    model.config.id2label = dict(enumerate(SOUND_SOURCES)); model.config.label2id = {s: i for i, s in enumerate(SOUND_SOURCES)}
+    model.config.id2label = dict(enumerate(SOUND_SOURCES))
+    model.config.label2id = {s: i for i, s in enumerate(SOUND_SOURCES)}
     model.save_pretrained(out, safe_serialization=True)
     Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
                              return_attention_mask=False).save_pretrained(out)
@@ -212,13 +225,17 @@ def _bar(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, mininterval=1.0)
 
-def pretrain(out_dir, seed: int = 0, size="default", progress: bool = True, modalities=("video", "audio"), **overrides) -> dict:
-    "Pretrain the backbones of `modalities` on corpus `seed` and write them to `out_dir` (atomically); returns the report."
+def pretrain(out_dir, seed: int = 0, size="default", progress: bool = True, modalities=("video", "audio"),
+             **overrides) -> dict:
+    """Pretrain the backbones of `modalities` on corpus `seed` and write them to `out_dir` (atomically); returns the
+    report."""
     cfg, out = pretrain_config(size, **overrides), Path(out_dir)
     if (out / "report.json").is_file():
         rep = json.loads((out / "report.json").read_text())
-        if rep.get("key") != pretrain_key(cfg, seed) or sorted(k.split("_")[0] for k in rep if k.endswith("_losses")) != sorted(modalities):
-            raise ConfigError(f"{out}: holds a pretraining of other settings (key {rep.get('key')}); choose another folder")
+        if rep.get("key") != pretrain_key(cfg, seed) or sorted(k.split("_")[0] for k in rep
+                                                               if k.endswith("_losses")) != sorted(modalities):
+            raise ConfigError(f"{out}: holds a pretraining of other settings (key {rep.get('key')}); choose another "
+                              "folder")
         return rep
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -243,7 +260,8 @@ def pretrain(out_dir, seed: int = 0, size="default", progress: bool = True, moda
         rep["total_s"] = round(time.perf_counter() - t0, 1)
         atomic_write_json(tmp / "report.json", rep)
         umask = os.umask(0); os.umask(umask)
-        for p in [tmp, *tmp.rglob("*")]: os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)   # mkdtemp made it private
+        # mkdtemp made it private
+        for p in [tmp, *tmp.rglob("*")]: os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
         try: tmp.rename(out)
         except OSError:
             if not (out / "report.json").is_file(): raise      # another process finished first: keep its copy
@@ -251,17 +269,20 @@ def pretrain(out_dir, seed: int = 0, size="default", progress: bool = True, moda
     return json.loads((out / "report.json").read_text())
 
 # %% ../nbs/16_pretrain.ipynb #cell-36
-_WEIGHT_CODE = ("pretrain_seed", "_scene", "render_visual_example", "render_sound_example", "visual_corpus", "sound_corpus",
-                "small_wav2vec2_config", "small_mobilevit", "PretrainConfig", "_schedule", "_split", "train_video",
-                "_normalize", "train_audio", "save_video_backbone", "save_audio_backbone")
+_WEIGHT_CODE = ("pretrain_seed", "_scene", "render_visual_example", "render_sound_example", "visual_corpus",
+                "sound_corpus", "small_wav2vec2_config", "small_mobilevit", "PretrainConfig", "_schedule", "_split",
+                "train_video", "_normalize", "train_audio", "save_video_backbone", "save_audio_backbone")
 
 def pretrain_key(cfg: PretrainConfig, seed: int) -> str:
-    "Hash of everything that decides the pretrained weights: the renderers, the code that trains, the sizes, the versions."
+    """Hash of everything that decides the pretrained weights: the renderers, the code that trains, the sizes, the
+    versions."""
     import timm, transformers
     h = hashlib.sha256(Path(importlib.util.find_spec("avar_net.synth").origin).read_bytes())
-    mod = importlib.import_module("avar_net.pretrain")       # the exported source of the functions that decide the weights
+    # the exported source of the functions that decide the weights
+    mod = importlib.import_module("avar_net.pretrain")
     for name in _WEIGHT_CODE: h.update(inspect.getsource(getattr(mod, name)).encode())
-    h.update(json.dumps([asdict(cfg), seed, torch.__version__, timm.__version__, transformers.__version__], sort_keys=True).encode())
+    h.update(json.dumps([asdict(cfg), seed, torch.__version__, timm.__version__, transformers.__version__],
+                        sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 def cache_root() -> Path:
@@ -275,33 +296,38 @@ def synth_pretrained_dir(name: str = "synth-pretrained", progress: bool = True) 
     "Folder of the backbones named `name` (`synth-pretrained[-tiny][:seed]`), pretrained on first use."
     base, _, s = str(name).partition(":")
     if base not in SYNTH_PRETRAINED or (s and not (s.isascii() and s.isdigit())):
-        raise ConfigError(f"bad backbone name {name!r}; expected one of {sorted(SYNTH_PRETRAINED)}, optionally ':<seed>'")
+        raise ConfigError(f"bad backbone name {name!r}; expected one of {sorted(SYNTH_PRETRAINED)}, optionally "
+                          "':<seed>'")
     seed, cfg = int(s or 0), pretrain_config(SYNTH_PRETRAINED[base])
     out = cache_root() / "synth-pretrained" / f"{cfg.name}-seed{seed}-{pretrain_key(cfg, seed)}"
     if (out / "report.json").is_file(): return out
     from avar_net.experiments import file_lock
     with file_lock(out.parent / f"{out.name}.lock"):
         if not (out / "report.json").is_file():
-            print(f"{name}: pretraining the backbones once into {out} (later uses read this copy)", file=sys.stderr, flush=True)
+            print(f"{name}: pretraining the backbones once into {out} (later uses read this copy)", file=sys.stderr,
+                  flush=True)
             pretrain(out, seed=seed, size=cfg, progress=progress)
     return out
 
 def resolve_backbone(spec, modality: str):
-    "`spec` unchanged, or the local folder of the `modality` ('audio' or 'video') backbone when `spec` names synth-pretrained."
+    """`spec` unchanged, or the local folder of the `modality` ('audio' or 'video') backbone when `spec` names
+    synth-pretrained."""
     if not isinstance(spec, str) or spec.partition(":")[0] not in SYNTH_PRETRAINED: return spec
     return str(synth_pretrained_dir(spec) / {"audio": "wav2vec2", "video": "mobilevit"}[modality])
 
 # %% ../nbs/16_pretrain.ipynb #cell-40
 CLI_HELP = "pretrain small MobileViT and Wav2Vec2 backbones on a synthetic corpus (offline)"
-CLI_DESCRIPTION = ("Render a pretraining corpus (visual and sound sources, disjoint from SynthAVAR/SynthXD), pretrain a timm "
-                   "MobileViT and a transformers Wav2Vec2 on it and write OUT_DIR/mobilevit (timm folder) and OUT_DIR/wav2vec2 "
-                   "(transformers folder) with OUT_DIR/report.json. The backbone name 'synth-pretrained' does the same into the user cache.")
+CLI_DESCRIPTION = ("Render a pretraining corpus (visual and sound sources, disjoint from SynthAVAR/SynthXD), pretrain "
+                   "a timm MobileViT and a transformers Wav2Vec2 on it and write OUT_DIR/mobilevit (timm folder) and "
+                   "OUT_DIR/wav2vec2 (transformers folder) with OUT_DIR/report.json. The backbone name "
+                   "'synth-pretrained' does the same into the user cache.")
 
 def add_arguments(p):
     p.add_argument("out_dir", help="output folder (must not exist, or hold a finished pretraining)")
     p.add_argument("--seed", type=int, default=0, help="corpus and training seed")
     p.add_argument("--size", default="default", choices=sorted(PRETRAIN_SIZES), help="pretraining size")
-    p.add_argument("--audio-objective", default=None, choices=["sources", "contrastive"], help="audio pretraining objective (default: the size's)")
+    p.add_argument("--audio-objective", default=None, choices=["sources", "contrastive"],
+                   help="audio pretraining objective (default: the size's)")
     p.add_argument("--no-progress", action="store_true")
 
 def run_cli(a) -> int:
@@ -311,12 +337,14 @@ def run_cli(a) -> int:
     if out.exists() and not any(out.iterdir()): out.rmdir()
     kw = {"audio_objective": a.audio_objective} if a.audio_objective else {}
     rep = pretrain(out, seed=a.seed, size=a.size, progress=not a.no_progress, **kw)
-    print(json.dumps({k: rep[k] for k in ("key", "seed", "video_heldout_acc", "audio_heldout_acc", "total_s")}, sort_keys=True))
+    print(json.dumps({k: rep[k] for k in ("key", "seed", "video_heldout_acc", "audio_heldout_acc", "total_s")},
+                     sort_keys=True))
     return 0
 
 # %% ../nbs/16_pretrain.ipynb #cell-47
 def clip_vectors(store, split: str | None = None) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
-    "Per-clip mean and max over steps of each modality's features in a feature cache: `({'audio': A, 'video': V}, labels, splits)`."
+    """Per-clip mean and max over steps of each modality's features in a feature cache: `({'audio': A, 'video': V},
+    labels, splits)`."""
     A, V, y, sp = [], [], [], []
     for r in store.records(split):
         d = store.load(r["clip_id"])

@@ -13,20 +13,21 @@ from .core import (AvarError, ConfigError, project_root, project_path, sha256_fi
 
 # %% auto #0
 __all__ = ['NOTEBOOKS', 'PROFILES', 'REPORTED', 'KEPT_DIR', 'profile_params', 'measured_source', 'source_commit', 'run_notebook',
-           'keep_executed', 'build_manifest', 'check_manifest', 'render_readme', 'readme_block', 'readme_blocks',
+           'keep_executed', 'figures_manifest', 'check_manifest', 'render_readme', 'readme_block', 'readme_blocks',
            'sync_readme', 'reproduce']
 
 # %% ../nbs/14_reproduce.ipynb #cell-6
-NOTEBOOKS = ["01_data", "02_synth", "16_pretrain", "20_fusion_ablation", "21_vaar", "22_xd", "23_robustness", "24_efficiency"]
+NOTEBOOKS = ["01_data", "02_synth", "16_pretrain", "20_fusion_ablation", "21_vaar", "22_xd", "23_robustness",
+             "24_efficiency"]
 
 _COMMON = dict(device="auto", step_s=0.25, frames_per_step=1)
 PROFILES: dict[str, dict] = {
     "ci": dict(_COMMON, profile="ci", synth_profile="tiny", xd_profile="tiny", data_root=None, xd_root=None,
-               audio_backbone="synth-pretrained-tiny", video_backbone="synth-pretrained-tiny", seeds=[0], epochs=4, batch_size=8,
-               lr=3e-3, num_layers=4, bench_quick=True),
+               audio_backbone="synth-pretrained-tiny", video_backbone="synth-pretrained-tiny", seeds=[0], epochs=4,
+               batch_size=8, lr=3e-3, num_layers=4, bench_quick=True),
     "demo": dict(_COMMON, profile="demo", synth_profile="small", xd_profile="small", data_root=None, xd_root=None,
-                 audio_backbone="synth-pretrained", video_backbone="synth-pretrained", seeds=[0, 1, 2], epochs=25, batch_size=16,
-                 lr=2e-3, num_layers=6, bench_quick=False),
+                 audio_backbone="synth-pretrained", video_backbone="synth-pretrained", seeds=[0, 1, 2], epochs=25,
+                 batch_size=16, lr=2e-3, num_layers=6, bench_quick=False),
     "full": dict(_COMMON, profile="full", synth_profile=None, xd_profile=None, data_root=None, xd_root=None,
                  audio_backbone="facebook/wav2vec2-base-960h", video_backbone="mobilevit_s", seeds=[0, 1, 2, 3, 4],
                  epochs=50, batch_size=16, lr=5e-4, num_layers=10, bench_quick=False),
@@ -37,7 +38,8 @@ def profile_params(profile: str, **overrides) -> dict:
     if profile not in PROFILES: raise ConfigError(f"unknown profile {profile!r}; expected one of {sorted(PROFILES)}")
     p = dict(PROFILES[profile]); p.update({k: v for k, v in overrides.items() if v is not None})
     if profile == "full" and not (p.get("data_root") or p.get("xd_root")):
-        raise ConfigError("profile 'full' needs --data-root (VAAR folder) and/or --xd-root (XD-Violence folder); see README 'Full-scale run'")
+        raise ConfigError("profile 'full' needs --data-root (VAAR folder) and/or --xd-root (XD-Violence folder); see "
+                          "README 'Full-scale run'")
     return p
 
 # %% ../nbs/14_reproduce.ipynb #cell-9
@@ -56,7 +58,8 @@ def measured_source(params: dict, seeds=None, extra: str = "") -> str:
     elif any(s.startswith("synth-pretrained") for s in specs):
         note = " — backbones pretrained here on synthetic data (a corpus disjoint from the evaluation data), frozen; not the paper's weights"
     else: note = " — synthetic data test the machinery, not the paper's claims" if synthetic else ""
-    return (f"measured here: profile {params.get('profile')}, seeds {seeds}, commit {commit[:12]}, avar_net {avar_net.__version__}, "
+    return (f"measured here: profile {params.get('profile')}, seeds {seeds}, commit {commit[:12]}, avar_net "
+            f"{avar_net.__version__}, "
             f"{data}, {bb}{(', ' + extra) if extra else ''}{note}")
 
 # %% ../nbs/14_reproduce.ipynb #cell-12
@@ -69,7 +72,8 @@ def source_commit(root=None) -> str:
     try:
         c = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         if c.returncode: return "unknown"
-        d = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."] + [f":!{o}" for o in _OUTPUTS],
+        d = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."]
+                           + [f":!{o}" for o in _OUTPUTS],
                            cwd=root, capture_output=True, text=True, timeout=10)
         return c.stdout.strip() + ("-dirty" if d.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError): return "unknown"
@@ -101,6 +105,7 @@ def _ipc_kernel_manager():
         def _default_ip(self): return os.path.join(tempfile.mkdtemp(prefix="avar-kernel-"), "kernel")
     return IPCKernelManager
 
+# %% ../nbs/14_reproduce.ipynb #a15d263b
 def run_notebook(name: str, params: dict, out_dir: Path, nbs_dir: Path | None = None) -> Path:
     """Execute `nbs/<name>.ipynb` with papermill and the `params` its parameters cell declares; raise `AvarError`
     naming the notebook and cell on failure."""
@@ -111,12 +116,15 @@ def run_notebook(name: str, params: dict, out_dir: Path, nbs_dir: Path | None = 
     out = Path(out_dir) / f"{name}.ipynb"; out.parent.mkdir(parents=True, exist_ok=True)
     declared = pm.inspect_notebook(str(src))
     try:
-        pm.execute_notebook(str(src), str(out), parameters={k: v for k, v in params.items() if k in declared}, cwd=str(nbs_dir),
-                            kernel_name="python3", progress_bar=False, log_output=False, kernel_manager_class=_ipc_kernel_manager())
+        pm.execute_notebook(str(src), str(out), parameters={k: v for k, v in params.items() if k in declared},
+                            cwd=str(nbs_dir), kernel_name="python3", progress_bar=False, log_output=False,
+                            kernel_manager_class=_ipc_kernel_manager())
     except pm.PapermillExecutionError as ex:
-        raise AvarError(f"notebook {name} failed in cell {ex.exec_count} ({ex.ename}: {ex.evalue}); executed copy: {out}") from None
+        raise AvarError(f"notebook {name} failed in cell {ex.exec_count} ({ex.ename}: {ex.evalue}); executed copy: "
+                        f"{out}") from None
     except Exception as ex:   # a dead kernel, a timeout, a kernel that does not start
-        raise AvarError(f"notebook {name} failed ({type(ex).__name__}: {str(ex).splitlines()[0] if str(ex) else ''}); executed copy: {out}") from None
+        raise AvarError(f"notebook {name} failed ({type(ex).__name__}: {str(ex).splitlines()[0] if str(ex) else ''}); "
+                        f"executed copy: {out}") from None
     return out
 
 # %% ../nbs/14_reproduce.ipynb #cell-x16
@@ -139,7 +147,8 @@ def keep_executed(executed, dest_dir, max_lines: int = 60) -> Path:
     return dest
 
 # %% ../nbs/14_reproduce.ipynb #cell-14
-def build_manifest(figures_dir: Path, records: dict[str, list[dict]], params: dict, commit: str, old: dict | None = None) -> dict:
+def figures_manifest(figures_dir: Path, records: dict[str, list[dict]], params: dict, commit: str,
+                   old: dict | None = None) -> dict:
     "Manifest entries for every artifact recorded; entries of notebooks not rerun are kept from `old`."
     arts = {k: v for k, v in (old or {}).get("artifacts", {}).items() if v["notebook"] not in records}
     for nb, recs in records.items():
@@ -161,7 +170,8 @@ def check_manifest(figures_dir) -> list[str]:
     files = {p.name for p in figures_dir.iterdir() if p.is_file() and p.name != "MANIFEST.json"}
     probs = [f"{f}: not in the manifest" for f in sorted(files - set(arts))]
     probs += [f"{f}: in the manifest but missing" for f in sorted(set(arts) - files)]
-    probs += [f"{f}: sha256 differs from the manifest" for f in sorted(set(arts) & files) if sha256_file(figures_dir / f) != arts[f]["sha256"]]
+    probs += [f"{f}: sha256 differs from the manifest" for f in sorted(set(arts) & files)
+              if sha256_file(figures_dir / f) != arts[f]["sha256"]]
     return probs
 
 # %% ../nbs/14_reproduce.ipynb #cell-16
@@ -217,8 +227,8 @@ def reproduce(profile: str = "demo", only: str | None = None, figures_dir=None, 
         rec = rec_dir / f"{name}.jsonl"; rec.unlink(missing_ok=True)
         t0 = time.time(); log(f"[reproduce:{profile}] {name} …")
         # figures shown inline stay in the executed copy even where MPLBACKEND says Agg (as the test runner sets it)
-        with _env(AVAR_RECORDS=rec, AVAR_FIGURES_DIR=figures_dir, AVAR_COMMIT=commit, AVAR_PROFILE=profile, AVAR_PROGRESS=1,
-                  MPLBACKEND="module://matplotlib_inline.backend_inline"):
+        with _env(AVAR_RECORDS=rec, AVAR_FIGURES_DIR=figures_dir, AVAR_COMMIT=commit, AVAR_PROFILE=profile,
+                  AVAR_PROGRESS=1, MPLBACKEND="module://matplotlib_inline.backend_inline"):
             out_nb = run_notebook(name, params, out_dir, nbs_dir)
         k = keep_executed(out_nb, figures_dir / KEPT_DIR)
         kept[name] = dict(file=f"{KEPT_DIR}/{k.name}", profile=profile, git_commit=commit, sha256=sha256_file(k))
@@ -227,9 +237,10 @@ def reproduce(profile: str = "demo", only: str | None = None, figures_dir=None, 
     mf_path = figures_dir / "MANIFEST.json"
     old = json.loads(mf_path.read_text()) if (only and mf_path.exists()) else None
     if old and old.get("profile") != profile: old = None
-    manifest = build_manifest(figures_dir, records, params, commit, old)
+    manifest = figures_manifest(figures_dir, records, params, commit, old)
     prev = json.loads(mf_path.read_text()) if mf_path.exists() else {}
-    manifest["notebooks"] = dict(sorted({**prev.get("notebooks", {}), **kept}.items()))   # tutorials' copies stay listed
+    # tutorials' copies stay listed
+    manifest["notebooks"] = dict(sorted({**prev.get("notebooks", {}), **kept}.items()))
     if not only:   # a complete run owns the folder: remove artifacts that no notebook produces any more
         for p in figures_dir.iterdir():
             if p.is_file() and p.name != "MANIFEST.json" and p.name not in manifest["artifacts"]:

@@ -23,7 +23,8 @@ _AUDIO = re.compile(r"^(?P<name>.+)__vggish\.npy$")
 
 @dataclass
 class XDVideo:
-    "One video of the official release: name, split, label (1 violent), crop file names, VGGish file name, list position."
+    """One video of the official release: name, split, label (1 violent), crop file names, VGGish file name, list
+    position."""
     name: str
     split: str
     label: int
@@ -50,19 +51,23 @@ def read_release_lists(list_dir) -> list[XDVideo]:
             if not p.is_file(): raise DataError(f"{p}: missing ({rgb_name} and {audio_name} come together)")
         audio = {}
         for n, line in enumerate(_lines(ap), 1):
-            if not (m := _AUDIO.match(b := _basename(line))): raise DataError(f"{ap} line {n}: {b!r} is not <name>__vggish.npy")
+            if not (m := _AUDIO.match(b := _basename(line))):
+                raise DataError(f"{ap} line {n}: {b!r} is not <name>__vggish.npy")
             audio[m["name"]] = b
         for n, line in enumerate(_lines(rp), 1):
-            if not (m := _RGB.match(b := _basename(line))): raise DataError(f"{rp} line {n}: {b!r} is not <name>__<crop>.npy")
+            if not (m := _RGB.match(b := _basename(line))):
+                raise DataError(f"{rp} line {n}: {b!r} is not <name>__<crop>.npy")
             v = seen.get(m["name"])
             if v is None:
-                v = seen[m["name"]] = XDVideo(m["name"], split, int(xd_is_violent(m["name"])), [], audio.get(m["name"]), len(videos))
+                v = seen[m["name"]] = XDVideo(m["name"], split, int(xd_is_violent(m["name"])), [], audio.get(m["name"]),
+                                              len(videos))
                 videos.append(v)
             elif v.split != split: raise DataError(f"{rp} line {n}: {m['name']} is listed in both train and test")
             if b in v.crops: raise DataError(f"{rp} line {n}: {b} is listed twice")
             v.crops.append(b)
     if not videos:
-        raise DataError(f"{list_dir}: no official list files (expected rgb.list + audio.list and/or rgb_test.list + audio_test.list)")
+        raise DataError(f"{list_dir}: no official list files (expected rgb.list + audio.list and/or rgb_test.list + "
+                        "audio_test.list)")
     return videos
 
 # %% ../nbs/18_xdfeatures.ipynb #bd1f5fe7
@@ -86,9 +91,11 @@ def find_feature_file(index: dict, name: str, root) -> Path:
 
 # %% ../nbs/18_xdfeatures.ipynb #b13cae70
 def load_official_npy(path, dim: int, what: str) -> np.ndarray:
-    "A `(T, dim)` float32 feature array from `path`; `DataError` naming the file when unreadable, mis-shaped or not finite."
+    """A `(T, dim)` float32 feature array from `path`; `DataError` naming the file when unreadable, mis-shaped or not
+    finite."""
     try: a = np.load(path, allow_pickle=False)
-    except Exception as e: raise DataError(f"{path}: unreadable {what} features ({type(e).__name__}: {str(e)[:120]})") from None
+    except Exception as e:
+        raise DataError(f"{path}: unreadable {what} features ({type(e).__name__}: {str(e)[:120]})") from None
     if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] != dim:
         raise DataError(f"{path}: {what} features have shape {a.shape}, expected (T, {dim})")
     a = np.ascontiguousarray(a, dtype=np.float32)
@@ -97,8 +104,10 @@ def load_official_npy(path, dim: int, what: str) -> np.ndarray:
         raise DataError(f"{path}: {what} features contain NaN or Inf in {len(bad)} row(s) (first row {bad[0]})")
     return a
 
-def align_official(rgb: np.ndarray, audio: np.ndarray, rgb_path="rgb", audio_path="audio") -> tuple[np.ndarray, np.ndarray]:
-    "Equal lengths, or VGGish one row shorter -> drop the last RGB row (the authors' loader); anything else is an error."
+def align_official(rgb: np.ndarray, audio: np.ndarray, rgb_path="rgb", audio_path="audio") -> tuple[np.ndarray,
+                                                                                                    np.ndarray]:
+    """Equal lengths, or VGGish one row shorter -> drop the last RGB row (the authors' loader); anything else is an
+    error."""
     if len(audio) == len(rgb): return rgb, audio
     if len(audio) == len(rgb) - 1: return rgb[:-1], audio
     raise DataError(f"{audio_path}: {len(audio)} VGGish rows for {len(rgb)} I3D rows in {Path(str(rgb_path)).name} "
@@ -109,19 +118,23 @@ def official_run_info(list_dir, feature_root, rgb_dim: int = RGB_DIM, audio_dim:
     "The run-level part of the manifest of an imported cache (configuration, key, what the features are)."
     from avar_net import __version__
     from avar_net.features import FEATURE_FORMAT, FeatureConfig
-    cfg = FeatureConfig(audio_backbone="vggish:xd-official", video_backbone="i3d-rgb:xd-official", xd=True, device="cpu")
-    ident = {"format": FEATURE_FORMAT, "source": "xd-official-release", "rgb_dim": int(rgb_dim), "audio_dim": int(audio_dim),
-             "align": "vggish one row shorter -> drop the last rgb row"}
-    return {"format": FEATURE_FORMAT, "avar_net_version": __version__, "git_commit": git_commit(), "config": cfg.to_dict(),
-            "config_key": "xd-official-" + sha256_bytes(json.dumps(ident, sort_keys=True).encode())[:12], "resolved": ident,
-            "backbones": {"audio": {"spec": "VGGish (official XD-Violence release)", "weights_id": "xd-official", "dim": int(audio_dim)},
-                          "video": {"spec": "I3D RGB, one crop per clip (official XD-Violence release)", "weights_id": "xd-official",
-                                    "dim": int(rgb_dim)}},
+    cfg = FeatureConfig(audio_backbone="vggish:xd-official", video_backbone="i3d-rgb:xd-official", xd=True,
+                        device="cpu")
+    ident = {"format": FEATURE_FORMAT, "source": "xd-official-release", "rgb_dim": int(rgb_dim),
+             "audio_dim": int(audio_dim), "align": "vggish one row shorter -> drop the last rgb row"}
+    return {"format": FEATURE_FORMAT, "avar_net_version": __version__, "git_commit": git_commit(),
+            "config": cfg.to_dict(), "config_key": "xd-official-"
+            + sha256_bytes(json.dumps(ident, sort_keys=True).encode())[:12], "resolved": ident,
+            "backbones": {"audio": {"spec": "VGGish (official XD-Violence release)", "weights_id": "xd-official",
+                                    "dim": int(audio_dim)},
+                          "video": {"spec": "I3D RGB, one crop per clip (official XD-Violence release)",
+                                    "weights_id": "xd-official", "dim": int(rgb_dim)}},
             "layout": "xd", "source": "xd-official", "data_root": str(Path(list_dir).resolve()),
             "feature_root": str(Path(feature_root).resolve()),
             "preprocessing": {"grid": "xd: one step per 16 frames at 24 fps", "step_s": 16 / 24,
                               "clips": "one clip per I3D crop (<name>__<k>), audio = the video's VGGish features",
-                              "alignment": "VGGish one row shorter -> the last I3D row is dropped (the authors' dataset.py)",
+                              "alignment": "VGGish one row shorter -> the last I3D row is dropped (the authors' "
+                                           "dataset.py)",
                               "n_frames": "16*T + 1 (official ground truth when T = (N-1)//16)"}}
 
 # %% ../nbs/18_xdfeatures.ipynb #2b07307d
@@ -134,13 +147,13 @@ def _import_crop(it, v: XDVideo, k: int, rpath: Path, apath: Path, audio: np.nda
     rgb = load_official_npy(rpath, rgb_dim, "I3D RGB")
     r, a = align_official(rgb, audio, rpath, apath)
     T = len(r)
-    meta = {"clip_id": it.clip_id, "source": it.source, "label": it.label, "label_name": it.label_name, "split": it.split,
-            "has_audio": True, "duration_s": T * 16 / 24, "step_s": 16 / 24, "cfg_key": key, "n_frames": 16 * T + 1,
-            "video": v.name, "crop": k}
+    meta = {"clip_id": it.clip_id, "source": it.source, "label": it.label, "label_name": it.label_name,
+            "split": it.split, "has_audio": True, "duration_s": T * 16 / 24, "step_s": 16 / 24, "cfg_key": key,
+            "n_frames": 16 * T + 1, "video": v.name, "crop": k}
     sha = write_feature_file(clip_file(out_dir, it.clip_id), a, r, np.arange(T) * 16 / 24, meta)
-    rec = _status_record(it, key, None, status="ok", sha256=sha, file=f"clips/{it.clip_id}.safetensors", T=T, has_audio=True,
-                         duration_s=T * 16 / 24, n_frames=16 * T + 1, n_frames_source="snippets", video=v.name, crop=k,
-                         inputs=sig, dropped_last_rgb_row=bool(len(rgb) != T))
+    rec = _status_record(it, key, None, status="ok", sha256=sha, file=f"clips/{it.clip_id}.safetensors", T=T,
+                         has_audio=True, duration_s=T * 16 / 24, n_frames=16 * T + 1, n_frames_source="snippets",
+                         video=v.name, crop=k, inputs=sig, dropped_last_rgb_row=bool(len(rgb) != T))
     atomic_write_json(status_file(out_dir, it.clip_id), rec)
     return rec
 
@@ -189,7 +202,8 @@ def import_xd(list_dir, feature_root, out_dir, rgb_dim: int = RGB_DIM, audio_dim
                 _import_crop(it, v, crop, rpath, apath, audio, out_dir, key, rgb_dim, sig); computed.append(it.clip_id)
             except Exception as e:
                 reason = _error_reason(e)
-                atomic_write_json(status_file(out_dir, it.clip_id), _status_record(it, key, None, status="failed", reason=reason,
+                atomic_write_json(status_file(out_dir, it.clip_id),
+                                  _status_record(it, key, None, status="failed", reason=reason,
                                                                                    video=v.name))
                 failures.append({"clip_id": it.clip_id, "source": it.source, "reason": reason})
     manifest = write_manifest(out_dir, info, items)
@@ -204,14 +218,15 @@ def import_xd(list_dir, feature_root, out_dir, rgb_dim: int = RGB_DIM, audio_dim
 # %% ../nbs/18_xdfeatures.ipynb #4436f385
 CLI_HELP = "import the official XD-Violence I3D + VGGish features into a feature cache"
 CLI_DESCRIPTION = ("Read the official XD-Violence feature release: LIST_DIR holds rgb.list, audio.list, rgb_test.list, "
-                   "audio_test.list and annotations.txt (the authors' list/ folder; paths in the lists are matched by file "
-                   "name), FEATURE_ROOT any folder under which the .npy files lie. Writes a feature cache to OUT_DIR (one "
-                   "clip per I3D crop) that train and evaluate take like extract's. Re-running skips finished crops; "
-                   "missing, truncated or non-finite files are named and skipped.")
+                   "audio_test.list and annotations.txt (the authors' list/ folder; paths in the lists are matched by "
+                   "file name), FEATURE_ROOT any folder under which the .npy files lie. Writes a feature cache to "
+                   "OUT_DIR (one clip per I3D crop) that train and evaluate take like extract's. Re-running skips "
+                   "finished crops; missing, truncated or non-finite files are named and skipped.")
 
 def add_arguments(p) -> None:
     p.add_argument("list_dir"); p.add_argument("feature_root"); p.add_argument("out_dir")
-    p.add_argument("--rgb-dim", type=int, default=RGB_DIM, help="I3D feature width"); p.add_argument("--audio-dim", type=int, default=AUDIO_DIM, help="VGGish feature width")
+    p.add_argument("--rgb-dim", type=int, default=RGB_DIM, help="I3D feature width")
+    p.add_argument("--audio-dim", type=int, default=AUDIO_DIM, help="VGGish feature width")
 
 def run_cli(a) -> int:
     for p, what in ((a.list_dir, "list folder"), (a.feature_root, "feature root")):
@@ -231,7 +246,8 @@ def evaluate_hlnet_checkpoint(checkpoint, features_dir, gt=None, annotations=Non
     store = FeatureStore(features_dir)
     net = load_hlnet(checkpoint, device=device)
     if net.input_dim != store.video_dim + store.audio_dim:
-        raise ConfigError(f"{checkpoint}: HLNet({net.input_dim}) but the cache has {store.video_dim} + {store.audio_dim}-d features")
+        raise ConfigError(f"{checkpoint}: HLNet({net.input_dim}) but the cache has {store.video_dim} + "
+                          f"{store.audio_dim}-d features")
     groups: dict[str, list] = {}
     for r in store.records("test"): groups.setdefault(str(r.get("video") or r["clip_id"]), []).append(r)
     if not groups: raise DataError(f"{features_dir}: no test clips")
@@ -241,6 +257,8 @@ def evaluate_hlnet_checkpoint(checkpoint, features_dir, gt=None, annotations=Non
         x = torch.stack([torch.cat([c["video"], c["audio"]], -1) for c in cs]).to(device)
         with torch.no_grad(): o, n = net(x)
         off.append(torch.sigmoid(o[..., 0]).cpu().numpy()); on.append(torch.sigmoid(n[..., 0]).cpu().numpy())
-    truth = load_gt(gt) if gt is not None else xd_test_ground_truth(store, [rs[0] for rs in groups.values()], annotations)
+    truth = load_gt(gt) if gt is not None else xd_test_ground_truth(store, [rs[0] for rs in groups.values()],
+                                                                    annotations)
     res, res_on = xd_frame_ap(off, truth), xd_frame_ap(on, truth)
-    return {**res, "online_ap_official": res_on["ap_official"], "online_ap_sklearn": res_on["ap_sklearn"], "checkpoint": str(checkpoint)}
+    return {**res, "online_ap_official": res_on["ap_official"], "online_ap_stepwise": res_on["ap_stepwise"],
+            "checkpoint": str(checkpoint)}

@@ -80,7 +80,7 @@ def test_train_evaluate(imported, temporal, extra):
     assert ev["n_frames"] == n == 16 * sum(v["T_used"] for v in rel["videos"] if v["split"] == "test")
     assert ev["n_videos_scored"] == 6 and ev["n"] == 30
     assert ev["ap_official"] == pytest.approx(ap, abs=1e-6)
-    assert 0 < ev["ap_sklearn"] <= 1 and ev["ap"] == ev["ap_official"]
+    assert 0 < ev["ap_stepwise"] <= 1 and ev["ap"] == ev["ap_official"]
     # a ready gt.npy: the right one gives the same AP, a wrong length fails loudly
     gt_ok = d / f"gt_{temporal}.npy"
     from avar_net.data import parse_xd_annotations, xd_frame_gt

@@ -237,7 +237,8 @@ def _cmd_predict(a):
     for i, v in enumerate(a.videos):
         r = pred.predict(v, top=a.top)
         if a.plot:
-            out = Path(a.plot) if len(a.videos) == 1 else Path(a.plot).with_name(f"{Path(a.plot).stem}_{i}{Path(a.plot).suffix}")
+            out = Path(a.plot) if len(a.videos) == 1 else \
+                Path(a.plot).with_name(f"{Path(a.plot).stem}_{i}{Path(a.plot).suffix}")
             plot_timeline(r, out); r["plot"] = str(out)
         results.append(r)
     if a.json: _print_json(results[0] if len(results) == 1 else results); return

@@ -38,7 +38,8 @@ def weights_licence(spec: str | None) -> tuple[str, str]:
     "(SPDX-like id, note) of backbone weights `spec`; random or synthetic weights carry this project's Apache-2.0."
     kind = weights_kind(spec)
     if kind in ("random", "synthetic"):
-        return "apache-2.0", "no pretrained weights (random initialisation here)" if kind == "random" else "no backbone (synthetic features)"
+        return "apache-2.0", ("no pretrained weights (random initialisation here)" if kind == "random"
+                              else "no backbone (synthetic features)")
     for pattern, lic in WEIGHT_LICENCES.items():
         if re.match(pattern, str(spec)): return lic
     return "other", f"unknown: check the licence of the weights {spec!r} before sharing this model"

@@ -188,8 +188,8 @@ def save_figure(fig, name: str, caption: str = "", out_dir=None, **meta) -> Path
 
 def save_table(df, name: str, caption: str, source: str, out_dir=None, floatfmt: str = ".2f", **meta) -> Path:
     """Save a pandas DataFrame as `<name>.csv` and `<name>.md`. `source` says where the numbers come from,
-    e.g. 'measured here: profile demo, seeds 0-2, commit …' or 'reported by the papers cited'. Columns named `*_mean`/`* mean`
-    and `*_std`/`* std` (the raw numbers behind a 'mean ± std' column) go to the CSV only."""
+    e.g. 'measured here: profile demo, seeds 0-2, commit …' or 'reported by the papers cited'. Columns named
+    `*_mean`/`* mean` and `*_std`/`* std` (the raw numbers behind a 'mean ± std' column) go to the CSV only."""
     if not source: raise ConfigError(f"table {name!r} needs a source line (measured here / reported by …)")
     out = Path(out_dir) if out_dir else project_path("figures")
     csv, md = out / f"{name}.csv", out / f"{name}.md"

@@ -39,76 +39,97 @@ def _cli_help(modname: str) -> str | None:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     "The `avar-net` argument parser with all subcommands."
     F = argparse.ArgumentDefaultsHelpFormatter
-    p = _Parser(prog="avar-net", description="AVAR-Net: audio-visual anomaly recognition (Wav2Vec2 + MobileViT, early fusion, multi-stage TCN).")
+    p = _Parser(prog="avar-net",
+                description="AVAR-Net: audio-visual anomaly recognition (Wav2Vec2 + MobileViT, early fusion, "
+                            "multi-stage TCN).")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     s = sub.add_parser("synth", help="generate the SynthAVAR (or SynthXD) dataset", formatter_class=F,
-                       description="Generate SynthAVAR — real H.264/AAC MP4 clips of the ten VAAR classes in the VAAR layout "
-                                   "(ROOT/<Class>/<clip>.mp4, splits.csv, manifest.json) — or SynthXD (--kind xd): untrimmed 24 fps "
-                                   "videos with annotations.txt and list files in the XD-Violence formats.")
+                       description="Generate SynthAVAR — real H.264/AAC MP4 clips of the ten VAAR classes in the VAAR "
+                                   "layout (ROOT/<Class>/<clip>.mp4, splits.csv, manifest.json) — or SynthXD (--kind "
+                                   "xd): untrimmed 24 fps videos with annotations.txt and list files in the "
+                                   "XD-Violence formats.")
     s.add_argument("out_dir", help="output folder")
     s.add_argument("--profile", default="tiny", help="size profile: tiny (CI, < 1 min) or small (notebook results)")
     s.add_argument("--seed", type=int, default=0, help="generator seed; the same seed gives identical clips")
-    s.add_argument("--kind", choices=["avar", "xd"], default="avar", help="SynthAVAR (clip labels) or SynthXD (untrimmed, frame annotations)")
+    s.add_argument("--kind", choices=["avar", "xd"], default="avar",
+                   help="SynthAVAR (clip labels) or SynthXD (untrimmed, frame annotations)")
     s.add_argument("--clips-per-class", type=int, default=None,
                    help="SynthAVAR clips per class (>= 3; default: the profile's, tiny 4 and small 30)")
 
     e = sub.add_parser("extract", help="extract Wav2Vec2 + MobileViT features into a cache", formatter_class=F,
-                       description="Decode every clip of DATA_ROOT (VAAR layout with splits.csv, or XD layout with train.list/test.list), "
-                                   "extract per-step audio and video features and write one safetensors file per clip plus manifest.json "
-                                   "to OUT_DIR. Re-running skips finished clips; failures are listed with their reasons.")
+                       description="Decode every clip of DATA_ROOT (VAAR layout with splits.csv, or XD layout with "
+                                   "train.list/test.list), extract per-step audio and video features and write one "
+                                   "safetensors file per clip plus manifest.json to OUT_DIR. Re-running skips finished "
+                                   "clips; failures are listed with their reasons.")
     e.add_argument("data_root"); e.add_argument("out_dir")
     e.add_argument("--audio-backbone", default="facebook/wav2vec2-base-960h",
-                   help="hub id, local directory, 'synth-pretrained' (pretrained here once, then cached), 'random', 'random:<seed>' or 'random-tiny'")
-    e.add_argument("--video-backbone", default="mobilevit_s", help="timm name / hub id, local directory or file, 'synth-pretrained', 'random', 'random-tiny'")
-    e.add_argument("--step", type=float, default=0.25, help="time step in seconds (ignored with --xd: 16 frames at 24 fps)")
+                   help="hub id, local directory, 'synth-pretrained' (pretrained here once, then cached), 'random', "
+                        "'random:<seed>' or 'random-tiny'")
+    e.add_argument("--video-backbone", default="mobilevit_s",
+                   help="timm name / hub id, local directory or file, 'synth-pretrained', 'random', 'random-tiny'")
+    e.add_argument("--step", type=float, default=0.25,
+                   help="time step in seconds (ignored with --xd: 16 frames at 24 fps)")
     e.add_argument("--frames-per-step", type=int, default=1, help="video frames sampled per step")
     e.add_argument("--xd", action="store_true", help="XD-Violence grid: one step per 16 frames at 24 fps")
     e.add_argument("--shard", type=_shard, default=None,
-                   help="process shard i of n (e.g. 0/4); default 0/1, or RANK/WORLD_SIZE under torchrun (device cuda:LOCAL_RANK)")
+                   help="process shard i of n (e.g. 0/4); default 0/1, or RANK/WORLD_SIZE under torchrun (device "
+                        "cuda:LOCAL_RANK)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     e.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"],
-                   help="auto: bf16 where the hardware has it, else int8 for Wav2Vec2 and MobileViT on AVX2 CPUs (checked on load), else fp32")
+                   help="auto: bf16 where the hardware has it, else int8 for Wav2Vec2 and MobileViT on AVX2 CPUs "
+                        "(checked on load), else fp32")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     t = sub.add_parser("train", help="train AVAR-Net on cached features", formatter_class=F,
-                       description="Train AVAR-Net (fusion + temporal model) on the feature cache FEATURES; write checkpoints, "
-                                   "metrics.jsonl and the best model (chosen on the validation split) to RUN_DIR.")
+                       description="Train AVAR-Net (fusion + temporal model) on the feature cache FEATURES; write "
+                                   "checkpoints, metrics.jsonl and the best model (chosen on the validation split) to "
+                                   "RUN_DIR.")
     t.add_argument("features"); t.add_argument("run_dir")
     t.add_argument("--epochs", type=int, default=20); t.add_argument("--seed", type=int, default=0)
     t.add_argument("--batch-size", type=int, default=16); t.add_argument("--lr", type=float, default=5e-4)
-    t.add_argument("--optimizer", choices=["adam", "adamw"], default="adam"); t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--optimizer", choices=["adam", "adamw"], default="adam")
+    t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--schedule", choices=["cosine", "none"], default="cosine")
-    t.add_argument("--patience", type=int, default=None, help="early stopping after this many epochs without validation gain")
+    t.add_argument("--patience", type=int, default=None,
+                   help="early stopping after this many epochs without validation gain")
     t.add_argument("--class-weights", action="store_true", help="weight the loss by inverse class frequency")
     t.add_argument("--fusion", default="early", choices=["audio", "video", "early", "late", "intermediate"])
     t.add_argument("--temporal", default="mtcn", choices=["mtcn", "meanpool", "bigru", "transformer", "hlnet"],
-                   help="temporal model; hlnet: XD-Violence's own baseline HL-Net (XD task only; the authors use --dropout 0.6)")
+                   help="temporal model; hlnet: XD-Violence's own baseline HL-Net (XD task only; the authors use "
+                        "--dropout 0.6)")
     t.add_argument("--num-stages", type=int, default=4); t.add_argument("--num-layers", type=int, default=10)
     t.add_argument("--num-f-maps", type=int, default=64); t.add_argument("--dropout", type=float, default=0.5)
     t.add_argument("--no-standardize", action="store_true",
-                   help="feed raw features (default: each feature dimension standardised with training-split statistics)")
-    t.add_argument("--device", default="auto"); t.add_argument("--resume", action="store_true", help="continue an interrupted run")
+                   help="feed raw features (default: each feature dimension standardised with training-split "
+                        "statistics)")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run")
     t.add_argument("--no-progress", action="store_true")
 
     v = sub.add_parser("evaluate", help="evaluate a trained run on a split", formatter_class=F,
-                       description="Evaluate the best checkpoint of RUN_DIR on a split of FEATURES: accuracy and P/R/F1 (VAAR), "
-                                   "frame-level AP (XD-Violence). On the test split the numbers also go into the run's MODEL_CARD.md.")
+                       description="Evaluate the best checkpoint of RUN_DIR on a split of FEATURES: accuracy and "
+                                   "P/R/F1 (VAAR), frame-level AP (XD-Violence). On the test split the numbers also go "
+                                   "into the run's MODEL_CARD.md.")
     v.add_argument("run_dir"); v.add_argument("features")
-    v.add_argument("--split", default="test"); v.add_argument("--json", action="store_true", help="print one JSON object")
-    v.add_argument("--gt", metavar="NPY", help="XD-Violence: a frame-level ground-truth .npy (e.g. the authors' gt.npy) instead of the one built from annotations.txt")
+    v.add_argument("--split", default="test")
+    v.add_argument("--json", action="store_true", help="print one JSON object")
+    v.add_argument("--gt", metavar="NPY",
+                   help="XD-Violence: a frame-level ground-truth .npy (e.g. the authors' gt.npy) instead of the one "
+                        "built from annotations.txt")
 
     r = sub.add_parser("predict", help="predict the class and the anomaly timeline of videos", formatter_class=F,
                        description="Decode, extract and predict VIDEO files with the model in RUN_DIR.")
     r.add_argument("videos", nargs="+", metavar="VIDEO"); r.add_argument("--model", required=True, metavar="RUN_DIR")
-    r.add_argument("--top", type=int, default=3, help="number of classes to show"); r.add_argument("--json", action="store_true")
+    r.add_argument("--top", type=int, default=3, help="number of classes to show")
+    r.add_argument("--json", action="store_true")
     r.add_argument("--plot", metavar="PNG", help="draw the timeline (one file; with several videos, _<i> is appended)")
     r.add_argument("--device", default="auto")
 
     g = sub.add_parser("reproduce", help="re-execute the notebooks and regenerate figures/", formatter_class=F,
-                       description="Run the experiment notebooks in order with papermill, save executed copies under runs/<profile>/ and "
-                                   "all tables/figures plus MANIFEST.json in figures/.")
+                       description="Run the experiment notebooks in order with papermill, save executed copies under "
+                                   "runs/<profile>/ and all tables/figures plus MANIFEST.json in figures/.")
     g.add_argument("--profile", default="demo", choices=["ci", "demo", "full"])
     g.add_argument("--only", metavar="NAME", help="run one notebook (name or number, e.g. 21 or 21_vaar)")
     g.add_argument("--figures-dir", default=None, help="where to write figures (default: the project's figures/)")
@@ -116,12 +137,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--xd-root", default=None, help="full profile: XD-Violence root folder")
 
     b = sub.add_parser("bench", help="measure extraction speed against baselines and the roofline", formatter_class=F,
-                       description="Benchmark the backbones (baseline eager fp32 vs avar_net's path), decoding, the whole pipeline, "
-                                   "MTCN training and memory on a long video, side by side in one run.")
-    b.add_argument("--json", action="store_true"); b.add_argument("--quick", action="store_true", help="small CI version")
+                       description="Benchmark the backbones (baseline eager fp32 vs avar_net's path), decoding, the "
+                                   "whole pipeline, MTCN training and memory on a long video, side by side in one run.")
+    b.add_argument("--json", action="store_true")
+    b.add_argument("--quick", action="store_true", help="small CI version")
     b.add_argument("--repeats", type=int, default=5); b.add_argument("--device", default="cpu")
     for sp in (s, e, t, v, r, g, b): _add_common(sp)
-    for name, modname in EXTENSIONS.items():     # only the chosen command's module is imported (heavy imports stay out of --help)
+    # only the chosen command's module is imported (heavy imports stay out of --help)
+    for name, modname in EXTENSIONS.items():
         help_ = _cli_help(modname)
         if help_ is None: continue
         x = sub.add_parser(name, help=help_, formatter_class=F); _add_common(x)
@@ -140,7 +163,8 @@ def _load_config(path) -> dict:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml; data = yaml.safe_load(text) or {}
         else: data = json.loads(text)
-    except Exception as ex: raise ConfigError(f"{path}: cannot parse config ({type(ex).__name__}: {str(ex).splitlines()[0]})")
+    except Exception as ex:
+        raise ConfigError(f"{path}: cannot parse config ({type(ex).__name__}: {str(ex).splitlines()[0]})")
     if not isinstance(data, dict): raise ConfigError(f"{path}: config must be a mapping of option names to values")
     return {k.replace("-", "_"): v for k, v in data.items()}
 
@@ -177,10 +201,12 @@ def _cmd_extract(a):
     print(json.dumps({k: v for k, v in summary.items() if k not in lists}, sort_keys=True, default=str))
 
 def _cmd_train(a):
-    if not Path(a.features).is_dir(): raise ConfigError(f"{a.features}: feature folder not found (run 'avar-net extract' first)")
+    if not Path(a.features).is_dir():
+        raise ConfigError(f"{a.features}: feature folder not found (run 'avar-net extract' first)")
     from avar_net.train import TrainConfig, train
-    tc = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, optimizer=a.optimizer, weight_decay=a.weight_decay,
-                     schedule=a.schedule, seed=a.seed, class_weights=a.class_weights, patience=a.patience, device=a.device)
+    tc = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, optimizer=a.optimizer,
+                     weight_decay=a.weight_decay, schedule=a.schedule, seed=a.seed, class_weights=a.class_weights,
+                     patience=a.patience, device=a.device)
     mc = dict(fusion=a.fusion, temporal=a.temporal, num_stages=a.num_stages, num_layers=a.num_layers,
               num_f_maps=a.num_f_maps, dropout=a.dropout, standardize=not a.no_standardize)
     res = train(a.features, a.run_dir, model_cfg=mc, train_cfg=tc, resume=a.resume, progress=not a.no_progress)
@@ -199,17 +225,20 @@ def _cmd_evaluate(a):
     for k, v in m.items():
         if isinstance(v, (int, float)): print(f"{k:>20}: {v:.4f}" if isinstance(v, float) else f"{k:>20}: {v}")
 
+# %% ../nbs/11_cli.ipynb #83a62a44
 def _cmd_predict(a):
     for v in a.videos:
         if not Path(v).exists(): raise ConfigError(f"{v}: file not found")
-    if not Path(a.model).is_dir(): raise ConfigError(f"{a.model}: model run folder not found (train one with 'avar-net train')")
+    if not Path(a.model).is_dir():
+        raise ConfigError(f"{a.model}: model run folder not found (train one with 'avar-net train')")
     from avar_net.infer import Predictor, plot_timeline
     pred = Predictor(a.model, device=a.device)
     results = []
     for i, v in enumerate(a.videos):
         r = pred.predict(v, top=a.top)
         if a.plot:
-            out = Path(a.plot) if len(a.videos) == 1 else Path(a.plot).with_name(f"{Path(a.plot).stem}_{i}{Path(a.plot).suffix}")
+            out = Path(a.plot) if len(a.videos) == 1 else \
+                Path(a.plot).with_name(f"{Path(a.plot).stem}_{i}{Path(a.plot).suffix}")
             plot_timeline(r, out); r["plot"] = str(out)
         results.append(r)
     if a.json: _print_json(results[0] if len(results) == 1 else results); return

@@ -60,7 +60,8 @@ def project_path(kind: str) -> Path:
     """Folder for `kind` in ('figures', 'data', 'runs'), honouring `AVAR_<KIND>_DIR`.
     Under tests (`in_test()`) the default goes to a temporary folder, so running the tests never rewrites the
     committed `figures/`."""
-    if kind not in _PATH_ENV: raise ConfigError(f"unknown project path kind {kind!r}; expected one of {sorted(_PATH_ENV)}")
+    if kind not in _PATH_ENV:
+        raise ConfigError(f"unknown project path kind {kind!r}; expected one of {sorted(_PATH_ENV)}")
     env = os.environ.get(_PATH_ENV[kind])
     if env: return Path(env)
     if in_test(): return Path(tempfile.gettempdir()) / "avar_net_test" / kind
@@ -123,11 +124,13 @@ def auto_device(pref: str = "auto"):
     import torch
     if pref != "auto": return torch.device(pref)
     if torch.cuda.is_available(): return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(): return torch.device("mps")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
     return torch.device("cpu")
 
 def hf_offline() -> None:
-    "Forbid Hugging Face hub network calls unless the user explicitly set `HF_HUB_OFFLINE` (call before importing transformers)."
+    """Forbid Hugging Face hub network calls unless the user explicitly set `HF_HUB_OFFLINE` (call before importing
+    transformers)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def git_commit(root=None) -> str:
@@ -136,7 +139,8 @@ def git_commit(root=None) -> str:
     try:
         c = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         if c.returncode != 0: return "unknown"
-        d = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10)
+        d = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                           text=True, timeout=10)
         return c.stdout.strip() + ("-dirty" if d.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError): return "unknown"
 
@@ -184,13 +188,15 @@ def save_figure(fig, name: str, caption: str = "", out_dir=None, **meta) -> Path
 
 def save_table(df, name: str, caption: str, source: str, out_dir=None, floatfmt: str = ".2f", **meta) -> Path:
     """Save a pandas DataFrame as `<name>.csv` and `<name>.md`. `source` says where the numbers come from,
-    e.g. 'measured here: profile demo, seeds 0-2, commit …' or 'reported by the papers cited'. Columns named `*_mean`/`* mean`
-    and `*_std`/`* std` (the raw numbers behind a 'mean ± std' column) go to the CSV only."""
+    e.g. 'measured here: profile demo, seeds 0-2, commit …' or 'reported by the papers cited'. Columns named
+    `*_mean`/`* mean` and `*_std`/`* std` (the raw numbers behind a 'mean ± std' column) go to the CSV only."""
     if not source: raise ConfigError(f"table {name!r} needs a source line (measured here / reported by …)")
     out = Path(out_dir) if out_dir else project_path("figures")
     csv, md = out / f"{name}.csv", out / f"{name}.md"
     atomic_write_text(csv, df.to_csv(index=False, float_format="%.6g"))
-    shown = df.drop(columns=[k for k in df.columns if str(k).endswith(("_mean", "_std", " mean", " std"))])   # raw numbers: CSV only
-    atomic_write_text(md, f"**{caption}**\n\n" + shown.to_markdown(index=False, floatfmt=floatfmt) + f"\n\n*Source: {source}*\n")
+    # raw numbers: CSV only
+    shown = df.drop(columns=[k for k in df.columns if str(k).endswith(("_mean", "_std", " mean", " std"))])
+    atomic_write_text(md, f"**{caption}**\n\n" + shown.to_markdown(index=False, floatfmt=floatfmt)
+                      + f"\n\n*Source: {source}*\n")
     _record("table", [csv, md], name=name, caption=caption, source=source, **meta)
     return md

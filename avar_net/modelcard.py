@@ -18,9 +18,13 @@ __all__ = ['WEIGHT_LICENCES', 'weights_kind', 'weights_licence', 'card_facts', '
 # Public licences of the backbone weights this project can load (from each weight's own model card / repository).
 # Keys are regular expressions matched at the start of a backbone spec; anything else (a local folder) is 'unknown'.
 WEIGHT_LICENCES = {
-    r"facebook/wav2vec2-": ("apache-2.0", "facebook/wav2vec2-* checkpoints: Apache-2.0 (their Hugging Face model cards)"),
-    r"(mobilevit_(s|xs|xxs)$|apple/mobilevit-)": ("other", "MobileViT ImageNet-1k weights (timm cvnets_in1k, apple/mobilevit-*): "
-                                                 "Apple's ml-cvnets licence, https://github.com/apple/ml-cvnets/blob/main/LICENSE"),
+    r"facebook/wav2vec2-": ("apache-2.0",
+                            "facebook/wav2vec2-* checkpoints: Apache-2.0 (their Hugging Face model cards)"),
+    r"(mobilevit_(s|xs|xxs)$|apple/mobilevit-)": ("other",
+                                                  "MobileViT ImageNet-1k weights (timm cvnets_in1k, "
+                                                  "apple/mobilevit-*): "
+                                                 "Apple's ml-cvnets licence, "
+                                                 "https://github.com/apple/ml-cvnets/blob/main/LICENSE"),
 }
 
 def weights_kind(spec: str | None) -> str:
@@ -33,7 +37,9 @@ def weights_kind(spec: str | None) -> str:
 def weights_licence(spec: str | None) -> tuple[str, str]:
     "(SPDX-like id, note) of backbone weights `spec`; random or synthetic weights carry this project's Apache-2.0."
     kind = weights_kind(spec)
-    if kind in ("random", "synthetic"): return "apache-2.0", "no pretrained weights (random initialisation here)" if kind == "random" else "no backbone (synthetic features)"
+    if kind in ("random", "synthetic"):
+        return "apache-2.0", ("no pretrained weights (random initialisation here)" if kind == "random"
+                              else "no backbone (synthetic features)")
     for pattern, lic in WEIGHT_LICENCES.items():
         if re.match(pattern, str(spec)): return lic
     return "other", f"unknown: check the licence of the weights {spec!r} before sharing this model"
@@ -44,11 +50,13 @@ def _read_json(p: Path, default=None):
     except (OSError, ValueError): return default
 
 def _data_kind(feats: Mapping) -> str:
-    "What the training clips were: 'SynthAVAR (synthetic)', 'SynthXD (synthetic)', 'synthetic features', 'XD-Violence layout' or 'VAAR layout'."
+    """What the training clips were: 'SynthAVAR (synthetic)', 'SynthXD (synthetic)', 'synthetic features',
+    'XD-Violence layout' or 'VAAR layout'."""
     if (feats.get("backbones") or {}).get("audio", {}).get("spec") == "synthetic": return "synthetic features"
     root = feats.get("data_root")
     kind = (_read_json(Path(root) / "manifest.json", {}) or {}).get("kind") if root else None
-    if kind in ("synthavar", "synthxd"): return {"synthavar": "SynthAVAR (synthetic)", "synthxd": "SynthXD (synthetic)"}[kind]
+    if kind in ("synthavar", "synthxd"):
+        return {"synthavar": "SynthAVAR (synthetic)", "synthxd": "SynthXD (synthetic)"}[kind]
     return "XD-Violence layout" if feats.get("layout") == "xd" else "VAAR layout"
 
 def card_facts(run_dir) -> dict:
@@ -78,7 +86,8 @@ def front_matter(f: Mapping) -> dict:
     tags = ["avar_net", "audio-visual", "anomaly-recognition", "video-classification", "multi-stage-tcn"]
     tags += [t for t, on in (("wav2vec2", "wav2vec2" in str((bb.get("audio") or {}).get("spec", "")).lower()),
                              ("mobilevit", "mobilevit" in str((bb.get("video") or {}).get("spec", "")).lower()),
-                             ("synthetic-data", f["synthetic_data"]), ("random-backbones", f["random_backbones"])) if on]
+                             ("synthetic-data", f["synthetic_data"]), ("random-backbones", f["random_backbones"]))
+                             if on]
     task = cfg["task"]
     names = {"accuracy": "accuracy", "macro_f1": "f1", "video_ap": "average_precision", "video_auc": "roc_auc"}
     best = f["best"] or {}
@@ -102,26 +111,32 @@ def _banner(f: Mapping) -> str:
     why = [w for w, on in (("trained on synthetic data", f["synthetic_data"]),
                            ("its feature backbones have random weights", f["random_backbones"])) if on]
     if not why: return ""
-    return (f"> **Machinery test, not a model of real anomalies**: this run was {' and '.join(why)}. Its numbers test the "
+    return (f"> **Machinery test, not a model of real anomalies**: this run was {' and '.join(why)}. Its numbers test "
+            "the "
             "code path; they say nothing about how AVAR-Net recognises anomalies in real video.\n\n")
 
 def _backbones_md(cfg: Mapping) -> str:
     bb = cfg["features"].get("backbones") or {}
-    rows = ["| modality | backbone | weights | feature dim | precision | licence of the weights |", "|---|---|---|---|---|---|"]
+    rows = ["| modality | backbone | weights | feature dim | precision | licence of the weights |",
+            "|---|---|---|---|---|---|"]
     for m in ("audio", "video"):
         b = bb.get(m) or {}
         lic, note = weights_licence(b.get("spec"))
-        rows.append(f"| {m} | `{b.get('spec')}` | `{b.get('weights_id', b.get('spec'))}` | {b.get('dim')} | {b.get('precision', '–')} | {lic}: {note} |")
+        rows.append(f"| {m} | `{b.get('spec')}` | `{b.get('weights_id', b.get('spec'))}` | {b.get('dim')} | "
+                    f"{b.get('precision', '–')} | {lic}: {note} |")
     return "\n".join(rows) + "\n"
 
 def _model_md(cfg: Mapping) -> str:
     m = cfg["model"]
-    temporal = (f"multi-stage TCN, {m['num_stages']} stages × {m['num_layers']} dilated residual layers, {m['num_f_maps']} maps"
+    temporal = (f"multi-stage TCN, {m['num_stages']} stages × {m['num_layers']} dilated residual layers, "
+                f"{m['num_f_maps']} maps"
                 if m["temporal"] == "mtcn" else f"`{m['temporal']}`")
     head = ("one label per clip: mean over valid steps of the last stage's per-step logits" if m["task"] == "clip"
             else "weak supervision: MIL top-k mean of per-step logits, one violence score per 16-frame snippet")
-    return (f"- **Fusion**: `{m['fusion']}`" + (" after per-modality standardisation (training-split statistics)" if m.get("standardize") else "")
-            + f"\n- **Temporal model**: {temporal}, dropout {m['dropout']}, smoothing loss weight {m['smooth_weight']} (τ = {m['tau']})"
+    return (f"- **Fusion**: `{m['fusion']}`"
+            + (" after per-modality standardisation (training-split statistics)" if m.get("standardize") else "")
+            + f"\n- **Temporal model**: {temporal}, dropout {m['dropout']}, smoothing loss weight {m['smooth_weight']} "
+              f"(τ = {m['tau']})"
             + f"\n- **Output**: {head}; classes: {', '.join(cfg['class_names'])}\n")
 
 # %% ../nbs/19_modelcard.ipynb #51398e7c
@@ -131,24 +146,30 @@ def _data_md(f: Mapping) -> str:
     return (f"- **Data**: {f['data']} (`{cfg['features'].get('data_root')}`)\n"
             f"- **Splits**: {cfg['n_train']} training clips, {cfg['n_val']} validation clips ({cfg['val_source']}); "
             f"the clip ids are in `split.json`{'' if sp else ' (missing)'}. Training never reads the test split.\n"
-            f"- **Time grid**: one step per {pre.get('step_s', '?')} s; feature cache `{cfg['features'].get('config_key')}`\n")
+            f"- **Time grid**: one step per {pre.get('step_s', '?')} s; feature cache "
+            f"`{cfg['features'].get('config_key')}`\n")
 
 def _eval_md(f: Mapping) -> str:
     cfg, best, res = f["config"], f["best"] or {}, f["result"]
-    rule = f"the epoch with the best validation `{cfg['select_on']}`" + (" (lowest)" if cfg["select_on"] == "loss" else " (highest)")
+    rule = f"the epoch with the best validation `{cfg['select_on']}`" + (" (lowest)" if cfg["select_on"] == "loss"
+                                                                         else " (highest)")
     out = [f"**Selection rule**: {rule}, among {res.get('epochs_run', len(f['history']))} epochs run; "
-           f"the model here is epoch {f['best_epoch']}." + (" Training stopped early (patience)." if res.get("stopped_early") else ""), "",
+           f"the model here is epoch {f['best_epoch']}."
+           + (" Training stopped early (patience)." if res.get("stopped_early") else ""), "",
            "| validation metric (selected epoch) | value |", "|---|---|"]
     out += [f"| {k[4:]} | {_fmt(v)} |" for k, v in best.items() if k.startswith("val_")]
     t = f["test"]
     if t:
-        out += ["", f"**Test split** ({t.get('n')} clips, checkpoint {t.get('checkpoint')}, epoch {t.get('epoch')}):", "",
-                "| test metric | value |", "|---|---|"]
-        out += [f"| {k} | {_fmt(v)} |" for k, v in t.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("n", "epoch")]
+        out += ["", f"**Test split** ({t.get('n')} clips, checkpoint {t.get('checkpoint')}, epoch {t.get('epoch')}):",
+                "", "| test metric | value |", "|---|---|"]
+        out += [f"| {k} | {_fmt(v)} |" for k, v in t.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                and k not in ("n", "epoch")]
     else:
         out += ["", "**Test split**: not measured yet; `avar-net evaluate RUN_DIR FEATURES --split test` measures it "
                 "and records it here."]
-    out += ["", f"Every number in this card was measured by avar_net {cfg.get('avar_net_version')} (commit `{str(cfg.get('git_commit'))[:12]}`) "
+    out += ["",
+            f"Every number in this card was measured by avar_net {cfg.get('avar_net_version')} (commit "
+            f"`{str(cfg.get('git_commit'))[:12]}`) "
             f"on {cfg.get('device')} for this run; none is a number reported by the AVAR-Net paper."]
     return "\n".join(out) + "\n"
 
@@ -166,10 +187,11 @@ def render_model_card(run_dir) -> str:
     f = card_facts(run_dir)
     cfg, tr = f["config"], f["config"]["train"]
     body = [f"# Model card: AVAR-Net run `{f['run']}`\n", _banner(f),
-            f"An audio-visual anomaly recogniser in the AVAR-Net design (Wav2Vec2 audio features + MobileViT video features, "
+            "An audio-visual anomaly recogniser in the AVAR-Net design (Wav2Vec2 audio features + MobileViT video "
+            "features, "
             f"early fusion, a multi-stage TCN; Ali et al., arXiv 2510.13630), trained by `avar-net train` for the "
-            f"`{cfg['task']}` task.\n", "## Model\n", _model_md(cfg), "## Backbones and their weights\n", _backbones_md(cfg),
-            "## Training data and splits\n", _data_md(f),
+            f"`{cfg['task']}` task.\n", "## Model\n", _model_md(cfg), "## Backbones and their weights\n",
+            _backbones_md(cfg), "## Training data and splits\n", _data_md(f),
             "## Training\n", f"- {tr['optimizer']} lr {tr['lr']}, {tr['schedule']} schedule, batch {tr['batch_size']}, "
             f"{tr['epochs']} epochs, seed {tr['seed']}, device {cfg.get('device')}, amp {cfg.get('amp')}\n",
             "## Evaluation\n", _eval_md(f), "## Intended use\n",
@@ -181,15 +203,18 @@ def render_model_card(run_dir) -> str:
 
 # %% ../nbs/19_modelcard.ipynb #3f43fc3d
 def write_model_card(run_dir, test_metrics: Mapping | None = None) -> Path:
-    "Write `MODEL_CARD.md` into `run_dir` (atomic); `test_metrics` (from `evaluate(..., split='test')`) are kept in `test_metrics.json`."
+    """Write `MODEL_CARD.md` into `run_dir` (atomic); `test_metrics` (from `evaluate(..., split='test')`) are kept in
+    `test_metrics.json`."""
     run = Path(run_dir)
     if test_metrics is not None:
-        if test_metrics.get("split") != "test": raise ConfigError(f"test_metrics must come from the test split, got split={test_metrics.get('split')!r}")
+        if test_metrics.get("split") != "test":
+            raise ConfigError(f"test_metrics must come from the test split, got split={test_metrics.get('split')!r}")
         atomic_write_json(run / "test_metrics.json", dict(test_metrics))
     return atomic_write_text(run / "MODEL_CARD.md", render_model_card(run))
 
 def export_pretrained(run_dir, out_dir, which: str = "best") -> Path:
-    "`save_pretrained`-style export of a run: config.json + model.safetensors + the model card (MODEL_CARD.md and README.md)."
+    """`save_pretrained`-style export of a run: config.json + model.safetensors + the model card (MODEL_CARD.md and
+    README.md)."""
     from avar_net.evaluation import load_run
     run, out = Path(run_dir), Path(out_dir)
     model, _ = load_run(run, which)

@@ -14,9 +14,11 @@ if not (run / "MODEL_CARD.md").exists():
     from avar_net.synth import generate_synthavar
     from avar_net.features import FeatureConfig, extract_dataset
     from avar_net.train import train
-    root = generate_synthavar(T / "data", "tiny", seed=0, classes=["Normal", "Explosion", "Police siren"], clips_per_class=3, duration_s=[1.0, 1.0])
+    root = generate_synthavar(T / "data", "tiny", seed=0, classes=["Normal", "Explosion", "Police siren"],
+                              clips_per_class=3, duration_s=[1.0, 1.0])
     extract_dataset(root, T / f"feats_{spec}", FeatureConfig(audio_backbone=spec, video_backbone=spec), progress=False)
-    train(T / f"feats_{spec}", run, dict(num_stages=2, num_layers=2, num_f_maps=8), dict(epochs=2, batch_size=4), progress=False)
+    train(T / f"feats_{spec}", run, dict(num_stages=2, num_layers=2, num_f_maps=8), dict(epochs=2, batch_size=4),
+          progress=False)
 clip = T / "explosion_10s.mp4"
 if not clip.exists():
     from avar_net.synth import render_clip, write_mp4
@@ -29,11 +31,13 @@ with sync_playwright() as p:
         with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
         t0 = time.monotonic()
         proc = subprocess.Popen([sys.executable, "-m", "avar_net.cli", "app", "--model", str(run), "--port", str(port),
-                                 "--examples", str(T / "examples")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                 "--examples", str(T / "examples")], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL,
                                 env={**os.environ, "OMP_NUM_THREADS": "2"})
         while True:
             try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).read().strip() == b"ok": break
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).read().strip() == b"ok":
+                    break
             except OSError: time.sleep(0.2)
         t_ready = time.monotonic() - t0
         ctx = b.new_context(); pg = ctx.new_page(); pg.set_default_timeout(600_000)
@@ -42,6 +46,8 @@ with sync_playwright() as p:
         t_res = time.monotonic() - t0
         cap = [l for l in pg.inner_text("body").splitlines() if "of video analysed" in l]
         ctx.close(); proc.terminate(); proc.wait()
-        out.append({"ready_s": round(t_ready, 1), "first_result_s": round(t_res, 1), "caption": cap[0] if cap else None})
+        out.append({"ready_s": round(t_ready, 1), "first_result_s": round(t_res, 1), "caption": cap[0] if cap
+                    else None})
         print(spec, out[-1], flush=True)
-print(spec, "median ready", statistics.median(o["ready_s"] for o in out), "median first result", statistics.median(o["first_result_s"] for o in out))
+print(spec, "median ready", statistics.median(o["ready_s"] for o in out), "median first result",
+      statistics.median(o["first_result_s"] for o in out))

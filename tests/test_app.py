@@ -37,8 +37,10 @@ def app(tmp_path_factory):
     t = tmp_path_factory.mktemp("app")
     root = generate_synthavar(t / "data", "tiny", seed=0, classes=["Normal", "Explosion", "Police siren"],
                               clips_per_class=3, duration_s=[1.0, 1.0])
-    extract_dataset(root, t / "feats", FeatureConfig(audio_backbone="random-tiny", video_backbone="random-tiny"), progress=False)
-    train(t / "feats", t / "run", dict(num_stages=2, num_layers=2, num_f_maps=8), TrainConfig(epochs=2, batch_size=4), progress=False)
+    extract_dataset(root, t / "feats", FeatureConfig(audio_backbone="random-tiny", video_backbone="random-tiny"),
+                    progress=False)
+    train(t / "feats", t / "run", dict(num_stages=2, num_layers=2, num_f_maps=8), TrainConfig(epochs=2, batch_size=4),
+          progress=False)
     clips = {"a": _clip(t / "explosion.mp4", "Explosion", 3.0), "b": _clip(t / "siren.mp4", "Police siren", 2.0)}
     (t / "notes.mp4").write_text("this is a text file, not a video\n" * 10)
     (t / "big.mp4").write_bytes(os.urandom(3 * 2**20 // 2))          # 1.5 MB, over the 1 MB limit below
@@ -47,8 +49,9 @@ def app(tmp_path_factory):
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HOME": str(t)}      # HOME: no user Streamlit config is read
     log = open(t / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "avar_net.cli", "app", "--model", str(t / "run"), "--port", str(port),
-                             "--max-upload-mb", "1", "--examples", str(t / "examples")], stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "avar_net.cli", "app", "--model", str(t / "run"), "--port",
+                             str(port), "--max-upload-mb", "1", "--examples", str(t / "examples")], stdout=log,
+                             stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -142,5 +145,6 @@ def test_bundled_example(app, pages):
     page = new()
     page.get_by_text("Bundled example").click()
     page.get_by_role("button", name="Analyse this example").click()      # the first example: SynthAVAR, Explosion
-    page.get_by_text("6.0 s of video analysed").wait_for()                # 6 s: a SynthAVAR example (SynthXD's last 10 s)
+    # 6 s: a SynthAVAR example (SynthXD's last 10 s)
+    page.get_by_text("6.0 s of video analysed").wait_for()
     assert "Top class:" in page.inner_text("body")

@@ -74,7 +74,8 @@ def test_every_page_in_a_browser(site, served, browser, tmp_path_factory):
     page.on("response", lambda r: problems.append(f"HTTP {r.status}: {r.url}") if r.status >= 400 else None)
     page.on("request", lambda r: seen.append(r.url))
     # nothing may leave the machine: any other origin is refused (and reported as a failed request)
-    page.route("**/*", lambda route: route.continue_() if route.request.url.startswith((served, "data:")) else route.abort())
+    page.route("**/*", lambda route: route.continue_() if route.request.url.startswith((served, "data:"))
+               else route.abort())
     checked, required = [], set()
     kept_nb = lambda stem: nbformat.read(str(ROOT / "figures" / kept[stem]["file"]), as_version=4)
     for html in sorted(site.glob("*.html")):
@@ -82,30 +83,41 @@ def test_every_page_in_a_browser(site, served, browser, tmp_path_factory):
         resp = page.goto(served + html.name, wait_until="networkidle")
         if resp is None or resp.status != 200: problems.append(f"HTTP {resp and resp.status}")
         page.evaluate("() => new Promise(done => (window.MathJax && MathJax.Hub) ? MathJax.Hub.Queue(done) : done())")
-        imgs = page.eval_on_selector_all("img", "els => els.map(e => [e.getAttribute('src'), e.complete && e.naturalWidth])")
+        imgs = page.eval_on_selector_all("img",
+                                         "els => els.map(e => [e.getAttribute('src'), e.complete && e.naturalWidth])")
         problems += [f"image did not decode: {src}" for src, w in imgs if not w]
         if stem == "index":  # the front page shows the README's result tables
-            heads = page.eval_on_selector_all("table", "ts => ts.map(t => [...t.querySelectorAll('th')].map(h => h.innerText.trim()))")
+            heads = page.eval_on_selector_all("table",
+                                              "ts => ts.map(t => [...t.querySelectorAll('th')].map(h => "
+                                              "h.innerText.trim()))")
             for name, body in readme_blocks((ROOT / "README.md").read_text()).items():
                 header = next(l for l in body.splitlines() if l.lstrip().startswith("|"))
                 cols = [c.strip() for c in header.strip().strip("|").split("|")]
                 required.add(name)
-                if not any(set(cols) <= set(h) for h in heads): problems.append(f"README result table {name} ({cols[:3]}…) missing")
+                if not any(set(cols) <= set(h) for h in heads):
+                    problems.append(f"README result table {name} ({cols[:3]}…) missing")
         if stem in kept:     # every figure the executed copy made (and showed) is on the page
             made = [n for n in figures.get(stem, []) if _ran(kept_nb(stem), n)]
-            if len([w for _, w in imgs if w]) < len(made): problems.append(f"{len(made)} figures made ({made}), {len(imgs)} shown")
-        if stem in kept:     # the results of an executed copy must be on its page: every table it saved, with its columns
-            heads = page.eval_on_selector_all("table", "ts => ts.map(t => [...t.querySelectorAll('th')].map(h => h.innerText.trim()))")
+            if len([w for _, w in imgs if w]) < len(made):
+                problems.append(f"{len(made)} figures made ({made}), {len(imgs)} shown")
+        # the results of an executed copy must be on its page: every table it saved, with its columns
+        if stem in kept:
+            heads = page.eval_on_selector_all("table",
+                                              "ts => ts.map(t => [...t.querySelectorAll('th')].map(h => "
+                                              "h.innerText.trim()))")
             for name, cols in tables.get(stem, []):
                 if not _ran(kept_nb(stem), name): continue          # e.g. a cell the ci profile skips
                 required.add(name)
-                if not any(set(cols) <= set(h) for h in heads): problems.append(f"results table {name} ({cols[:3]}…) missing")
+                if not any(set(cols) <= set(h) for h in heads):
+                    problems.append(f"results table {name} ({cols[:3]}…) missing")
         problems[n0:] = [f"{html.name}: {p}" for p in problems[n0:]]
         if stem in ("index", "20_fusion_ablation"):
-            page.screenshot(path=str(shots / f"{stem}.png"), full_page=stem != "index")   # the whole page: its tables and figure
+            # the whole page: its tables and figure
+            page.screenshot(path=str(shots / f"{stem}.png"), full_page=stem != "index")
         checked.append(stem)
     page.close()
-    print(f"\nchecked {len(checked)} pages, {len(seen)} requests; screenshots: {shots}/index.png, {shots}/20_fusion_ablation.png")
+    print(f"\nchecked {len(checked)} pages, {len(seen)} requests; screenshots: {shots}/index.png, "
+          f"{shots}/20_fusion_ablation.png")
     assert not problems, "\n".join(problems)
     assert not [u for u in seen if not u.startswith((served, "data:"))], "requests left the machine"
     assert {"fusion_ablation", "temporal_ablation"} <= required, "the fusion-ablation tables were not checked"

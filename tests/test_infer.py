@@ -1,4 +1,5 @@
-"Tests for avar_net.infer: video -> features (same extractors as training) -> prediction + timeline, with and without audio."
+"""Tests for avar_net.infer: video -> features (same extractors as training) -> prediction + timeline, with and
+without audio."""
 import json, shutil
 
 import numpy as np
@@ -23,7 +24,8 @@ def vaar_run(tmp_path_factory):
     t = tmp_path_factory.mktemp("infer")
     root = generate_synthavar(t / "data", "tiny", seed=0, classes=["Normal", "Explosion", "Police siren"],
                               clips_per_class=4, duration_s=[1.0, 1.5])
-    s = extract_dataset(root, t / "feats", FeatureConfig(audio_backbone="random-tiny", video_backbone="random-tiny"), progress=False)
+    s = extract_dataset(root, t / "feats", FeatureConfig(audio_backbone="random-tiny", video_backbone="random-tiny"),
+                        progress=False)
     assert s["n_failed"] == 0
     train(t / "feats", t / "run", SMALL, TrainConfig(epochs=4, batch_size=4, lr=1e-2), progress=False)
     return {"root": root, "feats": t / "feats", "run": t / "run", "tmp": t}
@@ -113,7 +115,8 @@ def test_xd_predictor(tmp_path):
     from avar_net.features import FeatureConfig, extract_dataset
     from avar_net.train import TrainConfig, train
     root = generate_synthxd(tmp_path / "xd", "tiny", seed=0, train=[3, 3], test=[1, 1], n_frames=[100, 160])
-    s = extract_dataset(root, tmp_path / "f", FeatureConfig(audio_backbone="random-tiny", video_backbone="random-tiny", xd=True),
+    s = extract_dataset(root, tmp_path / "f",
+                        FeatureConfig(audio_backbone="random-tiny", video_backbone="random-tiny", xd=True),
                         progress=False)
     assert s["n_failed"] == 0
     train(tmp_path / "f", tmp_path / "r", SMALL, TrainConfig(epochs=2, batch_size=4, lr=1e-2), progress=False)

@@ -111,7 +111,8 @@ def test_losses_are_as_documented():
     m = AVARNet(cfg_for())
     out, y = m(a, v, mask), torch.tensor([2, 0, 1])
     w = torch.tensor([1.0, 3.0, 0.5])
-    want = sum(F.cross_entropy(clip_logits(p, mask), y, weight=w) + 0.15 * smoothing_loss(p, mask) for p in out["stage_logits"])
+    want = sum(F.cross_entropy(clip_logits(p, mask), y, weight=w) + 0.15 * smoothing_loss(p, mask)
+               for p in out["stage_logits"])
     assert torch.allclose(m.loss(out, y, mask, class_weights=w), want)
     assert torch.allclose(out["logits"], clip_logits(out["stage_logits"][-1], mask))
     # xd: sum over stages of BCE(top-k mean of l1 - l0) + 0.15 smoothing
@@ -148,7 +149,8 @@ def test_determinism():
 def test_config_round_trip_and_errors():
     cfg = AVARNetConfig()
     assert (cfg.audio_dim, cfg.video_dim, cfg.num_classes, cfg.fusion, cfg.temporal) == (768, 640, 10, "early", "mtcn")
-    assert (cfg.num_stages, cfg.num_layers, cfg.num_f_maps, cfg.dropout, cfg.smooth_weight, cfg.tau) == (4, 10, 64, 0.5, 0.15, 4.0)
+    assert (cfg.num_stages, cfg.num_layers, cfg.num_f_maps, cfg.dropout, cfg.smooth_weight, cfg.tau) == (4, 10, 64, 0.5,
+                                                                                                         0.15, 4.0)
     assert AVARNetConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     for bad, msg in [({"fusion": "x"}, "fusion must be one of"), ({"temporal": "lstm"}, "temporal must be one of"),
                      ({"task": "seg"}, "task must be one of"), ({"num_classes": 1}, "num_classes"),
@@ -232,8 +234,10 @@ K = "temporal.stage1.conv_1x1.weight"
     ("extra", r"unexpected tensors \['temporal.extra.weight'\]"),
     ("missing", rf"missing tensors \['{K}'\]"),
     ("nan", rf"tensor '{K}' contains NaN or Inf"),
-    ("config_vs_meta", r"saved with a different config than .*config.json: num_f_maps: 8 \(tensors\) vs 16 \(config.json\)"),
-    ("config_no_meta", r"tensor 'scaler.audio_mean' expected float32 \(13,\) \(from config.json\), found float32 \(12,\)"),
+    ("config_vs_meta",
+     r"saved with a different config than .*config.json: num_f_maps: 8 \(tensors\) vs 16 \(config.json\)"),
+    ("config_no_meta",
+     r"tensor 'scaler.audio_mean' expected float32 \(13,\) \(from config.json\), found float32 \(12,\)"),
     ("layers_no_meta", r"missing tensors \['temporal.stage1.layers.3.conv_1x1.bias'"),
     ("unknown_key", r"config.json: unknown AVARNetConfig keys \['hidden_size'\]"),
     ("bad_value", r"config.json: AVARNetConfig.fusion must be one of"),

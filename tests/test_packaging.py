@@ -14,7 +14,8 @@ def test_environment_yml_matches_constraints():
     env_lines = (ROOT / "environment.yml").read_text().splitlines()
     env = _pins(l for l in env_lines if l.strip().startswith("- ") and "==" in l)
     assert cons, "constraints.txt pins nothing"
-    assert env == cons, {"only in constraints": sorted(set(cons) - set(env)), "only in env": sorted(set(env) - set(cons)),
+    assert env == cons, {"only in constraints": sorted(set(cons) - set(env)),
+                         "only in env": sorted(set(env) - set(cons)),
                          "different": sorted(k for k in cons.keys() & env.keys() if cons[k] != env[k])}
     assert "python=3.11" in (ROOT / "environment.yml").read_text()
 

@@ -1,4 +1,5 @@
-"""README.md is generated from nbs/index.ipynb, its result blocks come from figures/, and .ci/run calls README's test command."""
+"""README.md is generated from nbs/index.ipynb, its result blocks come from figures/, and .ci/run calls README's test
+command."""
 import re
 from pathlib import Path
 from avar_net.reproduce import render_readme, readme_blocks, readme_block

@@ -7,7 +7,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _copy_tree(tmp):
     for name in ("nbs", "avar_net"):
-        shutil.copytree(ROOT / name, tmp / name, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints", "_*.ipynb"))
+        shutil.copytree(ROOT / name, tmp / name,
+                        ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints", "_*.ipynb"))
     for name in ("settings.ini", "setup.py", "pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, tmp / name)
 
@@ -30,7 +31,8 @@ def test_library_matches_notebooks(tmp_path):
     shutil.rmtree(tmp_path / "avar_net")
     r = subprocess.run(["nbdev_export"], cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    diff = sorted(set(_diff(ROOT / "avar_net", tmp_path / "avar_net")) | set(_shallow_is_not_enough(ROOT / "avar_net", tmp_path / "avar_net")))
+    diff = sorted(set(_diff(ROOT / "avar_net", tmp_path / "avar_net"))
+                  | set(_shallow_is_not_enough(ROOT / "avar_net", tmp_path / "avar_net")))
     assert not diff, f"avar_net/ differs from nbdev_export of the notebooks: {diff} — run nbdev_export and commit"
 
 def test_notebooks_are_clean(tmp_path):
@@ -58,7 +60,8 @@ def test_sync_check_detects_drift(tmp_path):
 
 
 def test_top_level_layout():
-    "The layout the project promises: nbs, avar_net, data, figures, tests, settings.ini, environment.yml, README.md — all tracked."
+    """The layout the project promises: nbs, avar_net, data, figures, tests, settings.ini, environment.yml, README.md
+    — all tracked."""
     import subprocess
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     top = {p.split("/")[0] for p in tracked}

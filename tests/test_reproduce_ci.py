@@ -46,7 +46,8 @@ def test_every_artifact_produced_and_recorded(ci_run):
         assert a["source"] == REPORTED or a["source"].startswith("measured here"), (f, a["source"])
         if f.endswith(".md"): assert f"*Source: {a['source']}*" in (figs / f).read_text()
     assert arts["xd_published.csv"]["source"] == REPORTED
-    assert "profile ci" in arts["fusion_ablation.csv"]["source"] and "synthetic data" in arts["fusion_ablation.csv"]["source"]
+    src = arts["fusion_ablation.csv"]["source"]
+    assert "profile ci" in src and "synthetic data" in src
     assert arts["efficiency.csv"]["timing"] and not arts["fusion_ablation.csv"]["timing"]
 
 @pytest.mark.slow

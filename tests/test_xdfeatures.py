@@ -27,7 +27,8 @@ def cli(*argv):
 def imported(tmp_path_factory):
     d = tmp_path_factory.mktemp("xd")
     rel = write_xd_release(d / "release", n_train=16, n_test=6, rgb_dim=16, audio_dim=8, seed=1)
-    rc, out, err = cli("import-xd", rel["list_dir"], rel["feature_root"], d / "cache", "--rgb-dim", 16, "--audio-dim", 8)
+    rc, out, err = cli("import-xd", rel["list_dir"], rel["feature_root"], d / "cache", "--rgb-dim", 16, "--audio-dim",
+                       8)
     assert rc == 0, err
     return d, rel, json.loads(out), err
 
@@ -65,8 +66,8 @@ def test_import_names_every_bad_file(imported):
 def test_train_evaluate(imported, temporal, extra):
     d, rel, _, _ = imported
     run = d / f"run_{temporal}"
-    rc, out, err = cli("train", d / "cache", run, "--temporal", temporal, "--epochs", 3, "--batch-size", 8, "--lr", 1e-3,
-                       "--device", "cpu", "--no-progress", *extra)
+    rc, out, err = cli("train", d / "cache", run, "--temporal", temporal, "--epochs", 3, "--batch-size", 8, "--lr",
+                       1e-3, "--device", "cpu", "--no-progress", *extra)
     assert rc == 0, err
     split = json.loads((run / "split.json").read_text())
     vids = lambda ids: {c.rsplit("__", 1)[0] for c in ids}
@@ -80,7 +81,7 @@ def test_train_evaluate(imported, temporal, extra):
     assert ev["n_frames"] == n == 16 * sum(v["T_used"] for v in rel["videos"] if v["split"] == "test")
     assert ev["n_videos_scored"] == 6 and ev["n"] == 30
     assert ev["ap_official"] == pytest.approx(ap, abs=1e-6)
-    assert 0 < ev["ap_sklearn"] <= 1 and ev["ap"] == ev["ap_official"]
+    assert 0 < ev["ap_stepwise"] <= 1 and ev["ap"] == ev["ap_official"]
     # a ready gt.npy: the right one gives the same AP, a wrong length fails loudly
     gt_ok = d / f"gt_{temporal}.npy"
     from avar_net.data import parse_xd_annotations, xd_frame_gt
@@ -119,7 +120,8 @@ def test_missing_test_crop_refuses_evaluation(imported, tmp_path):
 def test_killed_import_resumes(tmp_path):
     "kill -9 in the middle of an import, then run again: finished crops are kept, the rest imported, no temp file left."
     import os, signal, subprocess, sys, time
-    rel = write_xd_release(tmp_path / "release", n_train=20, n_test=6, rgb_dim=1024, audio_dim=128, T=(100, 150), seed=2)
+    rel = write_xd_release(tmp_path / "release", n_train=20, n_test=6, rgb_dim=1024, audio_dim=128, T=(100, 150),
+                           seed=2)
     args = ["import-xd", rel["list_dir"], rel["feature_root"], tmp_path / "cache"]
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -127,7 +129,8 @@ def test_killed_import_resumes(tmp_path):
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     status = tmp_path / "cache" / "status"
     t0 = time.time()
-    while p.poll() is None and time.time() - t0 < 300 and len(list(status.glob("*.json")) if status.is_dir() else []) < 20:
+    while p.poll() is None and time.time() - t0 < 300 and len(list(status.glob("*.json")) if status.is_dir()
+                                                              else []) < 20:
         time.sleep(0.05)
     assert p.poll() is None, "the import finished before it could be killed"
     p.send_signal(signal.SIGKILL); p.wait()

@@ -273,11 +273,14 @@ _WEIGHT_CODE = ("pretrain_seed", "_scene", "render_visual_example", "render_soun
                 "sound_corpus", "small_wav2vec2_config", "small_mobilevit", "PretrainConfig", "_schedule", "_split",
                 "train_video", "_normalize", "train_audio", "save_video_backbone", "save_audio_backbone")
 
+_RENDERERS = ("scenes", "sounds", "synthclip", "synth")     # the modules that draw the corpus
+
 def pretrain_key(cfg: PretrainConfig, seed: int) -> str:
     """Hash of everything that decides the pretrained weights: the renderers, the code that trains, the sizes, the
     versions."""
     import timm, transformers
-    h = hashlib.sha256(Path(importlib.util.find_spec("avar_net.synth").origin).read_bytes())
+    h = hashlib.sha256()
+    for m in _RENDERERS: h.update(Path(importlib.util.find_spec(f"avar_net.{m}").origin).read_bytes())
     # the exported source of the functions that decide the weights
     mod = importlib.import_module("avar_net.pretrain")
     for name in _WEIGHT_CODE: h.update(inspect.getsource(getattr(mod, name)).encode())

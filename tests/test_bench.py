@@ -1,5 +1,5 @@
 """Tests of avar_net.bench: helpers, the child-process memory harness, test media, the report, and the CLI's
-`bench --quick --json` schema. Nothing here asserts a speed (GUIDE §6: machines are shared and noisy)."""
+`bench --quick --json` schema. Nothing here asserts a speed (machines are shared and noisy)."""
 import json, math, os, shutil, subprocess, sys
 from pathlib import Path
 

@@ -254,7 +254,7 @@ def _cmd_reproduce(a):
     print(f"{len(m['artifacts'])} artifacts in {m['figures_dir']}/MANIFEST.json")
 
 def _cmd_bench(a):
-    from avar_net.bench import run_bench, format_bench
+    from avar_net.bench_report import run_bench, format_bench
     res = run_bench(quick=a.quick, repeats=a.repeats, device=a.device)
     if a.json: print(json.dumps(res, sort_keys=True, default=str))
     else: print(format_bench(res))

@@ -1,5 +1,5 @@
-"""avar_net.mtcn against the MS-TCN reference (GUIDE §3): the reference model layout, an independent float64
-re-statement of the equations with plain torch.nn.functional ops, padding invariance, gradients, determinism,
+"""avar_net.mtcn against the MS-TCN reference (Farha & Gall, CVPR 2019): the reference model layout, an independent
+float64 re-statement of the equations with plain torch.nn.functional ops, padding invariance, gradients, determinism,
 the smoothing/MIL heads and the temporal baselines."""
 import copy, math
 import pytest
@@ -72,14 +72,14 @@ def reference_loss(predictions, batch_target, mask, num_classes):
     loss = 0
     for p in predictions:
         loss += ce(p.transpose(2, 1).contiguous().view(-1, num_classes), batch_target.view(-1))
-        loss += 0.15 * torch.mean(torch.clamp(mse(F.log_softmax(p[:, :, 1:], dim=1),
-                                                  F.log_softmax(p.detach()[:, :, :-1], dim=1)), min=0, max=16) * mask[:, :, 1:])
+        sq = mse(F.log_softmax(p[:, :, 1:], dim=1), F.log_softmax(p.detach()[:, :, :-1], dim=1))
+        loss += 0.15 * torch.mean(torch.clamp(sq, min=0, max=16) * mask[:, :, 1:])
     return loss
 
 
-# ---- an independent float64 re-statement of the GUIDE §3 equations (functional ops, a state dict as weights) ----
+# ---- an independent float64 re-statement of the MS-TCN equations (functional ops, a state dict as weights) ---
 def restated_forward(sd, x, m, num_stages, num_layers):
-    "x (B,D,T), m (B,1,T) -> (S,B,C,T), exactly as GUIDE §3 words it."
+    "x (B,D,T), m (B,1,T) -> (S,B,C,T), exactly as the MS-TCN paper (Sec. 3) words it."
     def conv(h, name, d=1, k=1):
         return F.conv1d(h, sd[name + ".weight"], sd[name + ".bias"], padding=d if k == 3 else 0, dilation=d)
 
@@ -172,9 +172,11 @@ def test_padded_batch_equals_reference_per_sequence():
         want_loss = 0
         for s in range(3):
             terms = [restated_loss_terms(
-                restated_forward(sd, x[b:b + 1, :n].transpose(1, 2), torch.ones(1, 1, n, dtype=torch.float64), 3, 7)[s, 0],
+                restated_forward(sd, x[b:b + 1, :n].transpose(1, 2), torch.ones(1, 1, n, dtype=torch.float64),
+                                 3, 7)[s, 0],
                 tgt[b, :n]) for b, n in enumerate(lengths)]
-            want_loss += sum(t[0] for t in terms) / sum(lengths) + 0.15 * sum(t[1] for t in terms) / (C * sum(t[2] for t in terms))
+            want_loss += (sum(t[0] for t in terms) / sum(lengths)
+                          + 0.15 * sum(t[1] for t in terms) / (C * sum(t[2] for t in terms)))
     assert abs(loss.item() - want_loss.item()) < 1e-10
 
 
@@ -283,7 +285,8 @@ def test_heads_and_task_losses():
     assert torch.allclose(mil_loss(sl, y, mask), manual)
     wl = mil_loss(sl, y, mask, weight=torch.tensor([0.25, 3.0]))
     manual_w = sum(F.binary_cross_entropy_with_logits(mil_topk(p[..., 1] - p[..., 0], mask), y.float(),
-                                                     weight=torch.tensor([3.0, 0.25])) + 0.15 * smoothing_loss(p, mask) for p in sl)
+                                                     weight=torch.tensor([3.0, 0.25]))
+                   + 0.15 * smoothing_loss(p, mask) for p in sl)
     assert torch.allclose(wl, manual_w)
     cl = clip_loss(sl, y, mask)
     manual_c = sum(F.cross_entropy((p * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), y)

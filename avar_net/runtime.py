@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from .core import WeightsError, atomic_write_json, sha256_file, auto_device
 from .model import AVARNet
+from .fast_mtcn import accelerate
 
 # %% auto #0
 __all__ = ['json_safe', 'config_diff', 'rng_state', 'set_rng_state', 'save_checkpoint', 'checkpoint_problem',
@@ -126,7 +127,7 @@ def load_checkpoint(d, device="cpu", with_state: bool = True) -> tuple[AVARNet, 
     d = Path(d)
     if not d.is_dir(): raise WeightsError(f"{d}: checkpoint folder not found")
     if (why := checkpoint_problem(d)) is not None: raise WeightsError(f"{d}: refused checkpoint: {why}")
-    model = AVARNet.from_pretrained(d, device=device)
+    model = accelerate(AVARNet.from_pretrained(d, device=device))   # the CPU fast path, as in training
     state = None
     if with_state:
         if not (d / "state.pt").is_file():

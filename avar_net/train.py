@@ -14,6 +14,7 @@ from . import __version__
 from .core import VAAR_CLASSES, ConfigError, DataError, atomic_write_json, atomic_write_text, git_commit
 from .metrics import classification_metrics
 from .model import AVARNet, AVARNetConfig
+from .fast_mtcn import accelerate
 from .features import FeatureStore, FeatureDataset, collate_features
 from .runtime import (Processes, setup_processes, autocast_for, save_checkpoint, recover_checkpoint,
                               load_checkpoint, rng_state, set_rng_state, json_safe, config_diff)
@@ -252,7 +253,7 @@ def resolve_model_config(store: FeatureStore, model_cfg=None) -> AVARNetConfig:
 def build_model(mcfg: AVARNetConfig, seed: int, device="cpu") -> AVARNet:
     "The model a run trains: `AVARNet(mcfg)` initialised from the `init` stream of the run seed, on `device`."
     torch.manual_seed(derive_seed(seed, _STREAM["init"]))
-    return AVARNet(mcfg).to(device)
+    return accelerate(AVARNet(mcfg)).to(device)
 
 # %% ../nbs/09_train.ipynb #cell-51
 def _clip_split(store: FeatureStore, tcfg: TrainConfig, num_classes: int) -> dict:

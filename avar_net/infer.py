@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from .core import ConfigError, DataError, DecodeError, WeightsError, auto_device, set_style, save_figure
-from .features import FeatureConfig, build_extractors, extract_clip
+from .features import FeatureConfig
+from .extract import build_extractors, extract_clip
 from .train import load_run
 
 # %% auto #0

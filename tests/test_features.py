@@ -10,9 +10,11 @@ import torch
 
 from avar_net.core import VAAR_CLASSES, ConfigError, DataError, sha256_file
 import avar_net.features as F
+import avar_net.extract as X
+import avar_net.pipeline as P
 from avar_net.video import MOBILEVIT_INT8_SCHEME
-from avar_net.features import (FeatureConfig, FeatureStore, FeatureDataset, build_extractors, collate_features,
-                               extract_clip, extract_dataset, clip_file, status_file)
+from avar_net.features import FeatureConfig, FeatureStore, FeatureDataset, collate_features, clip_file, status_file
+from avar_net.extract import build_extractors, extract_clip, extract_dataset
 
 TINY = dict(audio_backbone="random-tiny", video_backbone="random-tiny", precision="fp32")
 CLASSES = ["Explosion", "Normal", "Baby cry"]
@@ -171,7 +173,7 @@ def test_features_with_nan_fail_the_clip_not_the_run(synth_root, ex, tmp_path, m
     class V:                                                   # a video extractor that emits NaN
         dim, input_size, weights_id, precision_used = ex.video.dim, ex.video.input_size, ex.video.weights_id, ex.video.precision_used
         features = staticmethod(poisoned)
-    bad = F.Extractors(ex.audio, V(), ex.size)
+    bad = X.Extractors(ex.audio, V(), ex.size)
     s = extract_dataset(synth_root, tmp_path / "f", FeatureConfig(**TINY), progress=False, extractors=bad, report=False)
     assert s["n_failed"] == 12 and all("NaN" in f["reason"] for f in s["failures"])
     assert not list((tmp_path / "f" / "clips").glob("*.safetensors"))
@@ -231,11 +233,11 @@ def test_mixed_good_and_bad_files_finishes(mixed_root, reference, ex, tmp_path, 
 
 def test_decode_time_limit(synth_root, ex, tmp_path, monkeypatch):
     "A decoder that hangs fails its clip after decode_timeout_s; the run goes on."
-    real = F.iter_video_frames
+    real = P.iter_video_frames
     def hanging(path, *a, **k):
         if Path(path).name == "normal_0001.mp4": time.sleep(30)
         yield from real(path, *a, **k)
-    monkeypatch.setattr(F, "iter_video_frames", hanging)
+    monkeypatch.setattr(P, "iter_video_frames", hanging)
     t = time.perf_counter()
     s = extract_dataset(synth_root, tmp_path / "f", FeatureConfig(**TINY, decode_timeout_s=1.0), progress=False,
                         extractors=ex, report=False)
@@ -342,7 +344,7 @@ def test_int8_schemes_are_part_of_the_cache_key(monkeypatch):
 
 
 def test_thread_governor_gives_a_core_to_a_working_decoder(monkeypatch):
-    import avar_net.features as fm
+    import avar_net.pipeline as fm
     monkeypatch.setattr(fm, "_DECODING", fm._Decoding())               # not the decoders other tests left running
     n0 = torch.get_num_threads()
     torch.set_num_threads(2)

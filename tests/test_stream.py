@@ -20,7 +20,8 @@ def xd(tmp_path_factory):
     "SynthXD tiny, random-tiny features, an XD run fine-tuned on SynthXD's step labels (a model that localises)."
     torch.set_num_threads(1)
     from avar_net.synth import generate_synthxd
-    from avar_net.features import FeatureConfig, extract_dataset
+    from avar_net.features import FeatureConfig
+    from avar_net.extract import extract_dataset
     from avar_net.train import TrainConfig, train
     from avar_net.infer import Predictor
     t = tmp_path_factory.mktemp("stream")

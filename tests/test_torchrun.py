@@ -53,7 +53,7 @@ def test_ranks_from_env_dead_rank_rerun_alone(xd_root, tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["complete"] and m["shards"] == {"3": {"done": [0, 1, 2], "missing": []}} and m["counts"]["missing"] == 0
     assert all(sha256_file(out / "status" / n) == h for n, h in before.items())
-    # (a --shard that contradicts torchrun's rank is refused: nbs/05_features.ipynb, launch_shard)
+    # (a --shard that contradicts torchrun's rank is refused: nbs/05a_extract.ipynb, launch_shard)
 
 
 def readme_multiprocess_commands() -> list[str]:

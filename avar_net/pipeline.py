@@ -59,7 +59,8 @@ def _clip_grid(info, cfg: FeatureConfig, path, xd_n: tuple | None = None) -> tup
             raise DecodeError(path, f"{n} frames: too short for one 16-frame XD-Violence snippet")
         grid = TimeGrid.for_xd(n, fps=XD_FPS, frames_per_step=XD_FRAMES_PER_STEP)
         extra = {"n_frames": n, "n_frames_source": src}
-        if info.fps and abs(info.fps - XD_FPS) > 0.5: extra["xd_fps_warning"] = f"video is {info.fps:.3g} fps, the XD grid assumes 24 fps"
+        if info.fps and abs(info.fps - XD_FPS) > 0.5:
+            extra["xd_fps_warning"] = f"video is {info.fps:.3g} fps, the XD grid assumes 24 fps"
     else:
         grid = TimeGrid.for_duration(info.duration_s, cfg.step_s)
     return grid, extra
@@ -74,7 +75,8 @@ def _audio_on_grid(wave, dur: float, grid, ex: Extractors, cfg: FeatureConfig, p
 
 # %% ../nbs/05b_pipeline.ipynb #cell-14
 def _finish_clip(path, info, grid, extra, acc: _StepMean, wave, has_audio: bool, usable_until_s, messages: list,
-                 ex: Extractors, cfg: FeatureConfig, tm: dict, n_sampled: int, audio_early: np.ndarray | None = None) -> dict:
+                 ex: Extractors, cfg: FeatureConfig, tm: dict, n_sampled: int,
+                 audio_early: np.ndarray | None = None) -> dict:
     """Video step means, audio features on the grid (cut at the end of a truncated video), result dict.
     `audio_early`: the audio features already computed on the declared duration's grid (used unless the video
     turned out truncated, in which case the cut soundtrack is computed again)."""
@@ -123,7 +125,8 @@ class ThreadGovernor:
         self.handles = [] if self.n < 2 else [m.register_forward_pre_hook(self._hook) for model in models
                                               for name, m in model.named_modules() if name.count(".") < depth]
     def _hook(self, mod, args):
-        if self.paused: return                 # leaves the count alone (pause() restored it; another governor may own it)
+        # paused: leave the count alone (pause() restored it; another governor may own it)
+        if self.paused: return
         want = self.n - 1 if _DECODING.n else self.n
         if torch.get_num_threads() != want: torch.set_num_threads(want)
     def pause(self):
@@ -138,7 +141,8 @@ class ThreadGovernor:
 def _governor(ex) -> ThreadGovernor:
     "A `ThreadGovernor` over the CPU backbones of `ex` (thread pipeline); over no model when off or on a GPU."
     models = [m for e in (getattr(ex, "video", None), getattr(ex, "audio", None))
-              if isinstance(m := getattr(e, "model", None), torch.nn.Module) and str(getattr(e, "device", "cpu")).startswith("cpu")]
+              if isinstance(m := getattr(e, "model", None), torch.nn.Module)
+              and str(getattr(e, "device", "cpu")).startswith("cpu")]
     return ThreadGovernor(models if GOVERN_THREADS else [])
 
 # %% ../nbs/05b_pipeline.ipynb #cell-22
@@ -315,13 +319,16 @@ class _ChunkStream(torch.utils.data.IterableDataset):
                 xd_n = _xd_n_frames(info, path, to) if self.cfg.xd else None
                 wave, has = (None, False)
                 if info.has_audio:
-                    wave, has = decode_audio(path, sr=self.cfg.sr, duration_s=info.duration_s, timeout_s=to, report=arep)
+                    wave, has = decode_audio(path, sr=self.cfg.sr, duration_s=info.duration_s, timeout_s=to,
+                                             report=arep)
                 yield {"kind": "begin", "job": j, "info": info, "xd_n": xd_n, "has_audio": bool(has),
                        "audio": torch.from_numpy(np.asarray(wave, np.float32)) if has else torch.zeros(0)}
                 for times, frames in iter_video_frames(path, self.cfg.fps, self.size, chunk=self.cfg.chunk_frames,
                                                        timeout_s=to, report=vrep, threads=self.cfg.decode_threads):
-                    yield {"kind": "frames", "job": j, "times": torch.from_numpy(np.asarray(times, np.float64)), "frames": frames}
-                yield {"kind": "end", "job": j, "usable_until_s": vrep.usable_until_s, "messages": vrep.messages + arep.messages}
+                    yield {"kind": "frames", "job": j, "times": torch.from_numpy(np.asarray(times, np.float64)),
+                           "frames": frames}
+                yield {"kind": "end", "job": j, "usable_until_s": vrep.usable_until_s,
+                       "messages": vrep.messages + arep.messages}
             except Exception as e:
                 yield {"kind": "error", "job": j, "error": _picklable_error(e, path)}
 
@@ -353,7 +360,8 @@ def _stalled(e: RuntimeError, started: dict, finished: set, remaining: list) -> 
     inflight = [j for j in started if j not in finished]
     m = re.search(r"pid\(s\)\s*([\d,\s]+)", str(e))
     dead = {int(x) for x in re.findall(r"\d+", m.group(1))} if m else set()
-    guilty = [j for j in inflight if started[j] in dead] if dead else inflight   # time-out: every clip in flight stalled
+    # a time-out: every clip in flight stalled
+    guilty = [j for j in inflight if started[j] in dead] if dead else inflight
     guilty = guilty or [j for j, _ in remaining if j not in finished][:1]       # always make progress
     reason = ("decoding exceeded the time limit" if "timed out" in str(e)
               else f"the decoding process died ({str(e)[:160]})")
@@ -387,7 +395,8 @@ def iter_loader(paths, ex: Extractors, cfg: FeatureConfig, max_restarts: int = 1
                     if kind == "begin":
                         grid, extra = _clip_grid(item["info"], cfg, paths[j], item["xd_n"])
                         state[j] = {"t0": time.perf_counter(), "info": item["info"], "grid": grid, "extra": extra,
-                                    "acc": _StepMean(grid.T), "n": 0, "audio": item["audio"], "has_audio": item["has_audio"],
+                                    "acc": _StepMean(grid.T), "n": 0, "audio": item["audio"],
+                                    "has_audio": item["has_audio"],
                                     "tm": {"decode_wait_s": 0.0, "video_s": 0.0, "audio_s": 0.0}}
                     elif kind == "frames":
                         batch.append((j, item["times"], item["frames"]))
@@ -395,8 +404,9 @@ def iter_loader(paths, ex: Extractors, cfg: FeatureConfig, max_restarts: int = 1
                     elif kind == "end":
                         flush()
                         st = state.pop(j); finished.add(j)
-                        res = _finish_clip(paths[j], st["info"], st["grid"], st["extra"], st["acc"], st["audio"].numpy(),
-                                           st["has_audio"], item["usable_until_s"], item["messages"], ex, cfg, st["tm"], st["n"])
+                        res = _finish_clip(paths[j], st["info"], st["grid"], st["extra"], st["acc"],
+                                           st["audio"].numpy(), st["has_audio"], item["usable_until_s"],
+                                           item["messages"], ex, cfg, st["tm"], st["n"])
                         st["tm"]["total_s"] = time.perf_counter() - st["t0"]
                         yield j, res
                 except Exception as e:

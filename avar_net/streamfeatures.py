@@ -25,7 +25,8 @@ def source_kind(source, fmt: str | None = None) -> str:
     if "://" in s:
         scheme = s.split("://", 1)[0].lower()
         if scheme == "file": return "file"
-        if scheme not in LIVE_SCHEMES: raise ConfigError(f"{s}: unknown scheme {scheme!r}; expected a file or one of {', '.join(LIVE_SCHEMES)}")
+        if scheme not in LIVE_SCHEMES:
+            raise ConfigError(f"{s}: unknown scheme {scheme!r}; expected a file or one of {', '.join(LIVE_SCHEMES)}")
         return "url"
     return "file"
 
@@ -41,7 +42,8 @@ def open_source(source, fmt: str | None = None, timeout_s: float = 10.0, options
         if p.is_dir(): raise DecodeError(p, "is a directory, not a media file")
         name = str(p)
     try:
-        return av.open(name, "r", format=fmt, options=dict(options or {}), timeout=(timeout_s, timeout_s), metadata_errors="replace")
+        return av.open(name, "r", format=fmt, options=dict(options or {}), timeout=(timeout_s, timeout_s),
+                       metadata_errors="replace")
     except _AV_ERRORS as e:
         raise DecodeError(name, f"cannot open ({_reason(e)})") from e
 
@@ -79,9 +81,11 @@ class FrameSampler:
 class SourceConnection:
     """One connection to a source: demux video and audio together, yield ('video', t, tensor, arrival) for sampled
     frames and ('audio', t, samples at sr, arrival) on one clock (t = 0 at the first video frame, plus `offset`)."""
-    def __init__(self, container, sampler: FrameSampler, sr: int, offset: float, stats: dict, stop: threading.Event, name: str):
+    def __init__(self, container, sampler: FrameSampler, sr: int, offset: float, stats: dict, stop: threading.Event,
+                 name: str):
         from avar_net.data import _video_stream, _audio_stream
-        self.c, self.sampler, self.sr, self.offset, self.stats, self.stop = container, sampler, int(sr), float(offset), stats, stop
+        self.c, self.sampler, self.sr = container, sampler, int(sr)
+        self.offset, self.stats, self.stop = float(offset), stats, stop
         self.vs = _video_stream(container, name)
         self.a_s = _audio_stream(container)
         if self.a_s is not None and self.a_s.codec_context is None: self.a_s = None
@@ -93,7 +97,8 @@ class SourceConnection:
     def has_audio(self) -> bool: return self.a_s is not None
 
     def _audio(self, frame, arrival) -> list:
-        "Mono samples at `sr` of one decoded audio frame, placed on the clock; a jump in the audio timeline restarts the resampler."
+        """Mono samples at `sr` of one decoded audio frame, placed on the clock; a jump in the audio timeline restarts
+        the resampler."""
         from avar_net.data import _to_float_mono, StreamResampler
         if frame.samples == 0 or not frame.sample_rate or frame.time is None: return []
         t, rate = float(frame.time) - self.origin, int(frame.sample_rate)
@@ -102,7 +107,8 @@ class SourceConnection:
             cut = min(len(x), int(round(-t * rate))); x, t = x[cut:], t + cut / rate
         if len(x) == 0: return []
         if self.res is None or rate != self.a_rate or abs(t - (self.res_t + self.res_n / rate)) > 0.05:
-            self.a_rate, self.res, self.res_t, self.res_n, self.res_out = rate, StreamResampler(rate, self.sr, block_s=0.25), t, 0, 0
+            self.a_rate, self.res = rate, StreamResampler(rate, self.sr, block_s=0.25)
+            self.res_t, self.res_n, self.res_out = t, 0, 0
         self.res.push(x); self.res_n += len(x)
         if not self.res.out: return []
         y = np.concatenate(self.res.out); self.res.out = []
@@ -147,7 +153,8 @@ class StepFeatures:
     frames. Audio: Wav2Vec2 over blocks of `block_s` new seconds plus `context_s` seconds before them; each block keeps
     the vectors whose centres fall in its steps (mean per step). A step whose audio is absent is `None`."""
     def __init__(self, extractors, step_s: float, sr: int = 16000, block_s: float = 1.0, context_s: float = 1.0):
-        if not block_s > 0 or context_s < 0: raise ConfigError(f"need audio block_s > 0 and context_s >= 0, got {block_s}, {context_s}")
+        if not block_s > 0 or context_s < 0:
+            raise ConfigError(f"need audio block_s > 0 and context_s >= 0, got {block_s}, {context_s}")
         self.ex, self.step, self.sr = extractors, float(step_s), int(sr)
         self.spb = max(1, int(round(block_s / self.step)))                # steps per audio block
         self.ctx_s, self.tail = float(context_s), int(getattr(extractors.audio, "receptive_field", 400))
@@ -168,7 +175,8 @@ class StepFeatures:
         self.frames[k].append(x); self.video_t = t
 
     def add_audio(self, t: float, y: np.ndarray, max_fill_s: float = 0.5) -> None:
-        "Samples `y` from clock time `t`; a hole up to `max_fill_s` becomes silence, a longer one marks its steps missing."
+        """Samples `y` from clock time `t`; a hole up to `max_fill_s` becomes silence, a longer one marks its steps
+        missing."""
         if self.audio_t0 is None:                                         # the first audio of the segment
             first = int(math.floor(t / self.step + 1e-9))
             for k in range(self.next_audio, first): self.audio_feats.setdefault(k, None)
@@ -181,7 +189,8 @@ class StepFeatures:
         elif t - end > 0: y = np.concatenate([np.zeros(int(round((t - end) * self.sr)), np.float32), y])
         elif end - t > 1.0 / self.sr: y = y[min(len(y), int(round((end - t) * self.sr))):]   # overlap
         self.audio = np.concatenate([self.audio, y])
-        while self.audio_t0 + len(self.audio) / self.sr >= (self.next_audio + self.spb) * self.step + self.tail / self.sr:
+        while (self.audio_t0 + len(self.audio) / self.sr
+               >= (self.next_audio + self.spb) * self.step + self.tail / self.sr):
             self._block(self.next_audio, self.next_audio + self.spb)
 
 # %% ../nbs/31a_streamfeatures.ipynb #cell-21
@@ -193,7 +202,8 @@ def _block(self: StepFeatures, a: int, b: int) -> None:
     i1 = min(len(self.audio), int(round((b * self.step - self.audio_t0) * self.sr)) + self.tail)
     wave = self.audio[i0:i1]
     if len(wave) >= self.tail:
-        t0 = time.perf_counter(); times, feats = self.ex.audio.features(wave); self.time["audio_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter(); times, feats = self.ex.audio.features(wave)
+        self.time["audio_s"] += time.perf_counter() - t0
         times = times + self.audio_t0 + i0 / self.sr
         idx = np.floor((times - a * self.step) / self.step + 1e-9).astype(int)
         have = {k: feats[idx == k].mean(0) for k in range(b - a) if (idx == k).any()}

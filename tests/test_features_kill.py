@@ -24,7 +24,8 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory):
     from avar_net.synth import generate_synthavar
-    return Path(generate_synthavar(tmp_path_factory.mktemp("synth") / "avar", "tiny", seed=0, classes=["Explosion", "Normal"]))
+    return Path(generate_synthavar(tmp_path_factory.mktemp("synth") / "avar", "tiny", seed=0,
+                                   classes=["Explosion", "Normal"]))
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,8 @@ def test_sigkill_mid_run_then_resume(synth_root, reference, tmp_path):
             "        def _slow(*a, **k):\n"
             "            time.sleep(0.25); return _w(*a, **k)\n"
             "        X.write_feature_file = _slow")
-    p = subprocess.Popen([sys.executable, "-c", _script(synth_root, out, slow)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen([sys.executable, "-c", _script(synth_root, out, slow)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
     try:
         t0 = time.monotonic()
         while len(_ok(out)) < 3:

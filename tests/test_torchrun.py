@@ -9,18 +9,21 @@ from avar_net.core import sha256_file
 from avar_net.synth import generate_synthxd
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRACT_YAML = "audio-backbone: random-tiny\nvideo-backbone: random-tiny\nprecision: fp32\ndevice: cpu\nno-progress: true\n"
+EXTRACT_YAML = ("audio-backbone: random-tiny\nvideo-backbone: random-tiny\nprecision: fp32\ndevice: cpu\n"
+                "no-progress: true\n")
 TRAIN_YAML = ("epochs: 2\nbatch-size: 4\ndevice: cpu\nnum-stages: 1\nnum-layers: 2\nnum-f-maps: 8\nno-progress: true\n")
 
 
 def env(**kw):
-    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                          "MASTER_PORT")}
     e.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + e.get("PYTHONPATH", ""), **kw)
     return e
 
 
 def extract(data, out, cfg, *extra, **envkw):
-    return subprocess.Popen([sys.executable, "-m", "avar_net.cli", "extract", str(data), str(out), "--xd", "--config", str(cfg), *extra],
+    return subprocess.Popen([sys.executable, "-m", "avar_net.cli", "extract", str(data), str(out), "--xd", "--config",
+                             str(cfg), *extra],
                             env=env(**envkw), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -32,7 +35,8 @@ def finish(p):
 
 @pytest.fixture(scope="module")
 def xd_root(tmp_path_factory):
-    return Path(generate_synthxd(tmp_path_factory.mktemp("xd") / "XD-Violence", "tiny", seed=0, train=(2, 1), test=(1, 1)))
+    return Path(generate_synthxd(tmp_path_factory.mktemp("xd") / "XD-Violence", "tiny", seed=0, train=(2, 1),
+                                 test=(1, 1)))
 
 
 @pytest.mark.slow

@@ -282,7 +282,8 @@ def _mb(key):
         if line.startswith(key): return int(line.split()[1]) / 1024
 args = json.loads(sys.argv[1])
 t0 = time.perf_counter()
-from avar_net.features import FeatureConfig, build_extractors, extract_clip
+from avar_net.features import FeatureConfig
+from avar_net.extract import build_extractors, extract_clip
 cfg = FeatureConfig(**args['cfg'])
 ex = build_extractors(cfg)
 res = {'load_s': time.perf_counter() - t0, 'rss_after_load_mb': _mb('VmRSS:')}
@@ -468,7 +469,8 @@ def bench_wav2vec2(repeats: int = 5, seconds: float = 10.0, device: str = "cpu",
 # %% ../nbs/13_bench.ipynb #cell-38
 def bench_pipeline(paths: Sequence, repeats: int = 5, cfg: Mapping | None = None, warmup: int = 1) -> dict:
     "Clip-seconds per wall-second of `avar_net.features` on `paths`, and its cost over the backbones alone."
-    from avar_net.features import FeatureConfig, build_extractors, pipeline_overhead
+    from avar_net.features import FeatureConfig
+    from avar_net.extract import build_extractors, pipeline_overhead
     fc = FeatureConfig(**dict(cfg or {}))
     ex = build_extractors(fc)
     r = pipeline_overhead([str(p) for p in paths], ex, fc, repeats=repeats, warmup=warmup)

@@ -192,7 +192,8 @@ def _cmd_synth(a):
 
 def _cmd_extract(a):
     if not Path(a.data_root).is_dir(): raise ConfigError(f"{a.data_root}: data root is not a folder")
-    from avar_net.features import FeatureConfig, extract_dataset
+    from avar_net.features import FeatureConfig
+    from avar_net.extract import extract_dataset
     cfg = FeatureConfig(audio_backbone=a.audio_backbone, video_backbone=a.video_backbone, step_s=a.step,
                         frames_per_step=a.frames_per_step, xd=a.xd, device=a.device, precision=a.precision)
     # extract_dataset prints the failures with their reasons to stderr at the end of the run

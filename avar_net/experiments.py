@@ -251,7 +251,8 @@ def data_fingerprint(root) -> str:
 
 def _extract_job(job: dict) -> dict:
     import torch
-    from avar_net.features import FeatureConfig, extract_dataset
+    from avar_net.features import FeatureConfig
+    from avar_net.extract import extract_dataset
     torch.set_num_threads(1)
     s = extract_dataset(job["root"], job["out"], FeatureConfig.from_dict(job["cfg"]), shard=tuple(job["shard"]),
                         progress=False)
@@ -267,7 +268,7 @@ def feature_caches(data_roots: Sequence, params: Mapping, xd: bool = False) -> l
     On CPU, the clips of all datasets that need extraction are split into shards and extracted by parallel
     single-threaded processes (`workers`); a last pass in this process finds every clip done and writes each
     manifest."""
-    from avar_net.features import extract_dataset, build_extractors
+    from avar_net.extract import extract_dataset, build_extractors
     cfg = feature_config(params, xd)
     roots = [Path(r) for r in data_roots]
     cache = project_path("data") / "cache"

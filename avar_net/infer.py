@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from fastcore.basics import patch
 from .core import ConfigError, DataError, DecodeError, WeightsError, auto_device, set_style, save_figure
-from .features import FeatureConfig, build_extractors, extract_clip
+from .features import FeatureConfig
+from .extract import build_extractors, extract_clip
 from .evaluation import load_run
 
 # %% auto #0

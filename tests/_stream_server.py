@@ -23,4 +23,5 @@ def main(path: str, port: int, duration: float, speed: float, stall: float | Non
         finally: conn.close()
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]) if len(sys.argv) > 5 else None)
+    main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]),
+         float(sys.argv[5]) if len(sys.argv) > 5 else None)

@@ -12,7 +12,8 @@ spec, reps, T = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 run = T / f"run_{spec}"
 if not (run / "MODEL_CARD.md").exists():
     from avar_net.synth import generate_synthavar
-    from avar_net.features import FeatureConfig, extract_dataset
+    from avar_net.features import FeatureConfig
+    from avar_net.extract import extract_dataset
     from avar_net.train import train
     root = generate_synthavar(T / "data", "tiny", seed=0, classes=["Normal", "Explosion", "Police siren"],
                               clips_per_class=3, duration_s=[1.0, 1.0])

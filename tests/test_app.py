@@ -31,7 +31,8 @@ def app(tmp_path_factory):
     import torch
     torch.set_num_threads(1)
     from avar_net.synth import generate_synthavar
-    from avar_net.features import FeatureConfig, extract_dataset
+    from avar_net.features import FeatureConfig
+    from avar_net.extract import extract_dataset
     from avar_net.train import TrainConfig, train
     from avar_net.infer import Predictor
     t = tmp_path_factory.mktemp("app")

@@ -10,9 +10,11 @@ import torch
 
 from avar_net.core import VAAR_CLASSES, ConfigError, DataError, sha256_file
 import avar_net.features as F
+import avar_net.extract as X
+import avar_net.pipeline as P
 from avar_net.fast_backbones import MOBILEVIT_INT8_SCHEME
-from avar_net.features import (FeatureConfig, FeatureStore, FeatureDataset, build_extractors, collate_features,
-                               extract_clip, extract_dataset, clip_file, status_file)
+from avar_net.features import FeatureConfig, FeatureStore, FeatureDataset, collate_features, clip_file, status_file
+from avar_net.extract import build_extractors, extract_clip, extract_dataset
 
 TINY = dict(audio_backbone="random-tiny", video_backbone="random-tiny", precision="fp32")
 CLASSES = ["Explosion", "Normal", "Baby cry"]
@@ -20,7 +22,8 @@ CLASSES = ["Explosion", "Normal", "Baby cry"]
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
-    "Tiny backbones gain nothing from intra-op threads, and on a busy 2-core runner OpenMP barriers make them 10x slower."
+    """Tiny backbones gain nothing from intra-op threads, and on a busy 2-core runner OpenMP barriers make them 10x
+    slower."""
     n = torch.get_num_threads(); torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
@@ -116,7 +119,8 @@ def test_rerun_skips_everything_then_config_change_recomputes(reference, synth_r
     assert (s["n_skipped"], s["n_computed"], s["n_failed"]) == (12, 0, 0)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "clips").iterdir()} == before   # nothing rewritten
     # a pipeline knob is not part of the key: still skipped
-    s = extract_dataset(synth_root, out, FeatureConfig(**TINY, batch_size=3, queue_chunks=1), progress=False, extractors=ex)
+    s = extract_dataset(synth_root, out, FeatureConfig(**TINY, batch_size=3, queue_chunks=1), progress=False,
+                        extractors=ex)
     assert s["n_skipped"] == 12 and s["config_key"] == reference[1]["config_key"]
     # a feature-changing option is: everything is recomputed and the manifest follows
     s = extract_dataset(synth_root, out, FeatureConfig(**TINY, step_s=0.5), progress=False, extractors=ex)
@@ -154,7 +158,8 @@ def test_nan_and_inf_detected_on_load(reference, tmp_path):
     from safetensors.torch import save
     video = d["video"].clone(); video[2, 0] = float("nan"); video[4, 1] = float("inf")
     data = save({"audio": d["audio"], "video": video, "step_start_s": d["step_start_s"]},
-                metadata={"format": F.FEATURE_FORMAT, **{k: json.dumps(v) for k, v in d["meta"].items() if k != "format"}})
+                metadata={"format": F.FEATURE_FORMAT,
+                          **{k: json.dumps(v) for k, v in d["meta"].items() if k != "format"}})
     f.write_bytes(data)
     m = json.loads((out / "manifest.json").read_text())
     m["clips"][cid]["sha256"] = sha256_file(f)                  # even with a matching checksum, NaN/Inf are refused
@@ -169,9 +174,10 @@ def test_features_with_nan_fail_the_clip_not_the_run(synth_root, ex, tmp_path, m
     def poisoned(frames):
         y = np.array(real(frames)); y[0, 0] = np.nan; return y
     class V:                                                   # a video extractor that emits NaN
-        dim, input_size, weights_id, precision_used = ex.video.dim, ex.video.input_size, ex.video.weights_id, ex.video.precision_used
+        dim, input_size = ex.video.dim, ex.video.input_size
+        weights_id, precision_used = ex.video.weights_id, ex.video.precision_used
         features = staticmethod(poisoned)
-    bad = F.Extractors(ex.audio, V(), ex.size)
+    bad = X.Extractors(ex.audio, V(), ex.size)
     s = extract_dataset(synth_root, tmp_path / "f", FeatureConfig(**TINY), progress=False, extractors=bad, report=False)
     assert s["n_failed"] == 12 and all("NaN" in f["reason"] for f in s["failures"])
     assert not list((tmp_path / "f" / "clips").glob("*.safetensors"))
@@ -180,7 +186,8 @@ def test_features_with_nan_fail_the_clip_not_the_run(synth_root, ex, tmp_path, m
 # --------------------------------------------------------------------------------------------------------- bad inputs
 @pytest.fixture(scope="module")
 def mixed_root(synth_root, tmp_path_factory):
-    "The synth set plus a zero-byte file, a text file named .mp4, a truncated mp4, a truncated (decodable) mkv and a listed file that is not there."
+    """The synth set plus a zero-byte file, a text file named .mp4, a truncated mp4, a truncated (decodable) mkv and a
+    listed file that is not there."""
     from avar_net.synth import render_clip, write_mp4
     root = tmp_path_factory.mktemp("mixed") / "avar"
     shutil.copytree(synth_root, root)
@@ -192,7 +199,8 @@ def mixed_root(synth_root, tmp_path_factory):
     (d / "truncated_mp4.mp4").write_bytes(good[: len(good) // 2])
     frames, audio, fps, sr = render_clip(4, seed=7, size=64, duration_s=3.0, fps=10)
     write_mp4(d / "long.mkv", frames, fps, audio, sr)
-    b = (d / "long.mkv").read_bytes(); (d / "truncated_mkv.mkv").write_bytes(b[: int(len(b) * 0.6)]); (d / "long.mkv").unlink()
+    b = (d / "long.mkv").read_bytes()
+    (d / "truncated_mkv.mkv").write_bytes(b[: int(len(b) * 0.6)]); (d / "long.mkv").unlink()
     for name in ("zero_bytes.mp4", "not_a_video.mp4", "truncated_mp4.mp4", "truncated_mkv.mkv", "deleted.mp4"):
         rows.append({"clip": f"Explosion/{name}", "label": "4", "split": "train"})
     with open(root / "splits.csv", "w", newline="") as f:
@@ -205,14 +213,16 @@ def test_mixed_good_and_bad_files_finishes(mixed_root, reference, ex, tmp_path, 
     out = tmp_path / "f"
     s = extract_dataset(mixed_root, out, FeatureConfig(**TINY), progress=False, extractors=ex)
     failed = {f["source"]: f["reason"] for f in s["failures"]}
-    assert set(failed) == {"Explosion/zero_bytes.mp4", "Explosion/not_a_video.mp4", "Explosion/truncated_mp4.mp4", "Explosion/deleted.mp4"}
+    assert set(failed) == {"Explosion/zero_bytes.mp4", "Explosion/not_a_video.mp4", "Explosion/truncated_mp4.mp4",
+                           "Explosion/deleted.mp4"}
     assert "empty file" in failed["Explosion/zero_bytes.mp4"] and "file not found" in failed["Explosion/deleted.mp4"]
     assert all(r and "\n" not in r for r in failed.values())
     assert s["n_computed"] == 13 and s["complete"]             # the 12 good clips + the decodable part of the mkv
     err = capsys.readouterr().err
     assert "4 of 17 clip(s) failed" in err and all(src in err for src in failed)
     m = json.loads((out / "manifest.json").read_text())
-    assert {f["source"] for f in m["failures"]} == set(failed) and m["counts"] == {"ok": 13, "failed": 4, "stale": 0, "missing": 0}
+    assert {f["source"] for f in m["failures"]} == set(failed)
+    assert m["counts"] == {"ok": 13, "failed": 4, "stale": 0, "missing": 0}
     # the truncated mkv: features for the part that decodes, and the record says what was lost
     r = json.loads(status_file(out, "Explosion__truncated_mkv").read_text())
     assert r["status"] == "ok" and r["warnings"] and r["duration_s"] < r["declared_duration_s"]
@@ -231,16 +241,17 @@ def test_mixed_good_and_bad_files_finishes(mixed_root, reference, ex, tmp_path, 
 
 def test_decode_time_limit(synth_root, ex, tmp_path, monkeypatch):
     "A decoder that hangs fails its clip after decode_timeout_s; the run goes on."
-    real = F.iter_video_frames
+    real = P.iter_video_frames
     def hanging(path, *a, **k):
         if Path(path).name == "normal_0001.mp4": time.sleep(30)
         yield from real(path, *a, **k)
-    monkeypatch.setattr(F, "iter_video_frames", hanging)
+    monkeypatch.setattr(P, "iter_video_frames", hanging)
     t = time.perf_counter()
     s = extract_dataset(synth_root, tmp_path / "f", FeatureConfig(**TINY, decode_timeout_s=1.0), progress=False,
                         extractors=ex, report=False)
     assert time.perf_counter() - t < 25
-    assert [f["source"] for f in s["failures"]] == ["Normal/normal_0001.mp4"] and "time limit" in s["failures"][0]["reason"]
+    assert [f["source"] for f in s["failures"]] == ["Normal/normal_0001.mp4"]
+    assert "time limit" in s["failures"][0]["reason"]
     assert s["n_computed"] == 11
 
 
@@ -254,7 +265,8 @@ def test_two_shards_equal_one(reference, synth_root, ex, tmp_path):
     assert s1["complete"] and not set(s0["computed"]) & set(s1["computed"])
     assert sorted(s0["computed"] + s1["computed"]) == sorted(reference[1]["computed"])
     _assert_same_features(reference[0], out)
-    assert [r["clip_id"] for r in FeatureStore(out).records()] == [r["clip_id"] for r in FeatureStore(reference[0]).records()]
+    ids = [r["clip_id"] for r in FeatureStore(out).records()]
+    assert ids == [r["clip_id"] for r in FeatureStore(reference[0]).records()]
 
 
 # ------------------------------------------------------------------------------------------------ loader (GPU) path
@@ -330,7 +342,8 @@ def test_readers_refuse_a_missing_listed_file_unless_asked(mixed_root):
     with pytest.raises(ConfigError, match="missing must be"): read_vaar(mixed_root, missing="skip")
 
 
-@pytest.mark.skipif(not __import__("avar_net.fast_backbones", fromlist=["x"]).int8_supported(), reason="no oneDNN int8 kernels on this CPU")
+@pytest.mark.skipif(not __import__("avar_net.fast_backbones", fromlist=["x"]).int8_supported(),
+                    reason="no oneDNN int8 kernels on this CPU")
 def test_int8_schemes_are_part_of_the_cache_key(monkeypatch):
     import avar_net.fast_backbones as au
     monkeypatch.setattr(au, "cpu_supports_bf16", lambda: False)
@@ -342,7 +355,7 @@ def test_int8_schemes_are_part_of_the_cache_key(monkeypatch):
 
 
 def test_thread_governor_gives_a_core_to_a_working_decoder(monkeypatch):
-    import avar_net.features as fm
+    import avar_net.pipeline as fm
     monkeypatch.setattr(fm, "_DECODING", fm._Decoding())               # not the decoders other tests left running
     n0 = torch.get_num_threads()
     torch.set_num_threads(2)

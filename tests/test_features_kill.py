@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from avar_net.core import DataError
-from avar_net.features import FeatureConfig, FeatureStore, extract_dataset, iter_status
+from avar_net.features import FeatureConfig, FeatureStore, iter_status
+from avar_net.extract import extract_dataset
 
 TINY = dict(audio_backbone="random-tiny", video_backbone="random-tiny", precision="fp32")
 
@@ -23,7 +24,8 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory):
     from avar_net.synth import generate_synthavar
-    return Path(generate_synthavar(tmp_path_factory.mktemp("synth") / "avar", "tiny", seed=0, classes=["Explosion", "Normal"]))
+    return Path(generate_synthavar(tmp_path_factory.mktemp("synth") / "avar", "tiny", seed=0,
+                                   classes=["Explosion", "Normal"]))
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +39,9 @@ def _script(root, out, prelude: str = "") -> str:
     return textwrap.dedent(f"""
         import os, signal, time, torch
         torch.set_num_threads(1)
-        import avar_net.features as F
+        import avar_net.extract as X, avar_net.features as F
         {prelude}
-        F.extract_dataset({str(root)!r}, {str(out)!r}, F.FeatureConfig(**{TINY!r}), progress=False)
+        X.extract_dataset({str(root)!r}, {str(out)!r}, F.FeatureConfig(**{TINY!r}), progress=False)
     """)
 
 
@@ -68,11 +70,12 @@ def _resume_and_check(synth_root, reference, out, done_before: set[str]):
 def test_sigkill_mid_run_then_resume(synth_root, reference, tmp_path):
     "Kill -9 a real extraction after it has finished a few clips (polling the status folder)."
     out = tmp_path / "f"
-    slow = ("_w = F.write_feature_file\n"
+    slow = ("_w = X.write_feature_file\n"
             "        def _slow(*a, **k):\n"
             "            time.sleep(0.25); return _w(*a, **k)\n"
-            "        F.write_feature_file = _slow")
-    p = subprocess.Popen([sys.executable, "-c", _script(synth_root, out, slow)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            "        X.write_feature_file = _slow")
+    p = subprocess.Popen([sys.executable, "-c", _script(synth_root, out, slow)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
     try:
         t0 = time.monotonic()
         while len(_ok(out)) < 3:

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")   # the fixture is in conftes
 def vaar_run(tmp_path_factory):
     torch.set_num_threads(1)
     from avar_net.synth import generate_synthavar
-    from avar_net.features import FeatureConfig, extract_dataset
+    from avar_net.features import FeatureConfig
+    from avar_net.extract import extract_dataset
     from avar_net.train import TrainConfig, train
     t = tmp_path_factory.mktemp("infer")
     root = generate_synthavar(t / "data", "tiny", seed=0, classes=["Normal", "Explosion", "Police siren"],
@@ -112,7 +113,8 @@ def test_refuses_other_extractors_and_missing_runs(vaar_run, tmp_path):
 def test_xd_predictor(tmp_path):
     "XD grid (16 frames at 24 fps): the timeline is the model's per-step score, one per snippet."
     from avar_net.synth import generate_synthxd
-    from avar_net.features import FeatureConfig, extract_dataset
+    from avar_net.features import FeatureConfig
+    from avar_net.extract import extract_dataset
     from avar_net.train import TrainConfig, train
     root = generate_synthxd(tmp_path / "xd", "tiny", seed=0, train=[3, 3], test=[1, 1], n_frames=[100, 160])
     s = extract_dataset(root, tmp_path / "f",

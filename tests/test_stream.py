@@ -1,5 +1,5 @@
-"""Tests for avar_net.stream (`avar-net watch`): a SynthXD video watched from a file (as fast as possible and at real-time
-pace) and served live over TCP on 127.0.0.1 by a local process that is killed mid-stream and restarted."""
+"""Tests for avar_net.stream (`avar-net watch`): a SynthXD video watched from a file (as fast as possible and at
+real-time pace) and served live over TCP on 127.0.0.1 by a local process that is killed mid-stream and restarted."""
 import json, os, signal, socket, subprocess, sys, time
 from pathlib import Path
 
@@ -20,7 +20,8 @@ def xd(tmp_path_factory):
     "SynthXD tiny, random-tiny features, an XD run fine-tuned on SynthXD's step labels (a model that localises)."
     torch.set_num_threads(1)
     from avar_net.synth import generate_synthxd
-    from avar_net.features import FeatureConfig, extract_dataset
+    from avar_net.features import FeatureConfig
+    from avar_net.extract import extract_dataset
     from avar_net.train import TrainConfig, train
     from avar_net.infer import Predictor
     t = tmp_path_factory.mktemp("stream")
@@ -49,9 +50,10 @@ def test_alerts_overlap_annotated_anomalies(xd, tmp_path):
     alerts = [(e["start"], e["end"]) for e in events if e["event"] == "alert_end"]
     gt = [(a / 24, b / 24) for a, b in xd["segments"][xd["violent"].stem]]
     assert alerts, [x["score"] for x in steps]
-    for g in gt: assert any(_overlap(a, g) > 0 for a in alerts), (alerts, gt)                  # every anomaly is alerted
+    for g in gt:
+        assert any(_overlap(a, g) > 0 for a in alerts), (alerts, gt)                  # every anomaly is alerted
     inside = sum(_overlap(a, g) for a in alerts for g in gt) / sum(a[1] - a[0] for a in alerts)
-    assert inside >= 0.5, (alerts, gt)                                                          # and alerts are mostly on it
+    assert inside >= 0.5, (alerts, gt)                                            # and alerts are mostly on it
     from avar_net.decode import probe
     clips = [e["clip"] for e in events if e["event"] == "alert_end"]
     assert all(probe(c).has_audio for c in clips) and not list((tmp_path / "clips").glob(".*"))
@@ -76,7 +78,8 @@ def _free_port() -> int:
 
 
 def _serve(ts, port, duration, *extra):
-    p = subprocess.Popen([sys.executable, str(ROOT / "tests" / "_stream_server.py"), str(ts), str(port), str(duration), "1.0", *extra],
+    p = subprocess.Popen([sys.executable, str(ROOT / "tests" / "_stream_server.py"), str(ts), str(port), str(duration),
+                          "1.0", *extra],
                          stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "listening"
     return p
@@ -102,14 +105,16 @@ def _wait_for(path, cond, timeout):
 
 
 def test_live_tcp_reconnect_gap_and_sigterm(xd, tmp_path):
-    "Kill the server mid-stream and restart it: watch reconnects, records the gap, loses no line, exits cleanly on SIGTERM."
+    """Kill the server mid-stream and restart it: watch reconnects, records the gap, loses no line, exits cleanly on
+    SIGTERM."""
     from avar_net.decode import probe
     ts = _to_mpegts(xd["violent"], tmp_path / "live.ts")
     dur, port = probe(ts).duration_s, _free_port()
     out = tmp_path / "live.jsonl"
     server = _serve(ts, port, dur)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    watch = subprocess.Popen([sys.executable, "-m", "avar_net.cli", "watch", f"tcp://127.0.0.1:{port}", "--model", str(xd["run"]),
+    watch = subprocess.Popen([sys.executable, "-m", "avar_net.cli", "watch", f"tcp://127.0.0.1:{port}", "--model",
+                              str(xd["run"]),
                               "--out", str(out), "--stall-timeout", "3", "--max-outage", "30"], env=env,
                              stderr=subprocess.PIPE, text=True)
     try:
@@ -117,8 +122,9 @@ def test_live_tcp_reconnect_gap_and_sigterm(xd, tmp_path):
         server.kill(); server.wait()                                          # the stream drops mid-way
         time.sleep(1.0)
         server = _serve(ts, port, dur)                                        # and comes back
+        def _gap_end(ls): return next(l for l in ls if l.get("event") == "gap")["end"]
         _wait_for(out, lambda ls: any(l.get("event") == "gap" for l in ls)
-                  and "step" in ls[-1] and ls[-1]["step"] >= next(l for l in ls if l.get("event") == "gap")["end"] / (2 / 3) + 1, 60)
+                  and "step" in ls[-1] and ls[-1]["step"] >= _gap_end(ls) / (2 / 3) + 1, 60)
         watch.send_signal(signal.SIGTERM)
         _, err = watch.communicate(timeout=30)
     finally:
@@ -135,7 +141,8 @@ def test_live_tcp_reconnect_gap_and_sigterm(xd, tmp_path):
     holes = [(a, b) for a, b in zip(ks, ks[1:]) if b != a + 1]             # missing steps are exactly the recorded gaps
     assert len(holes) == len(gaps)
     for (a, b), g in zip(holes, gaps):
-        assert g["start"] == pytest.approx((a + 1) * step_s, abs=1e-5) and g["end"] == pytest.approx(b * step_s, abs=1e-5)
+        assert g["start"] == pytest.approx((a + 1) * step_s, abs=1e-5)
+        assert g["end"] == pytest.approx(b * step_s, abs=1e-5)
         assert g["steps_without_score"] == b - a - 1 and g["duration_s"] > 0.9 and g["reconnect_attempts"] >= 1
     assert sum(l.get("event") == "connected" for l in lines) == lines[-1]["connections"] >= 2
     assert lines[-1]["steps"] == len(steps)
@@ -148,7 +155,8 @@ def test_a_stalled_stream_is_dropped_retried_and_given_up(xd, tmp_path):
     port = _free_port()
     server = _serve(ts, port, probe(ts).duration_s, "0.6")
     try:
-        w = Watcher(xd["pred"], f"tcp://127.0.0.1:{port}", out=tmp_path / "s.jsonl", stall_timeout_s=1.0, max_outage_s=2.0)
+        w = Watcher(xd["pred"], f"tcp://127.0.0.1:{port}", out=tmp_path / "s.jsonl", stall_timeout_s=1.0,
+                    max_outage_s=2.0)
         s = w.run()
     finally: server.kill()
     steps, events = read_jsonl(tmp_path / "s.jsonl")
@@ -167,7 +175,8 @@ def test_corrupt_packets_cost_only_themselves(xd, tmp_path):
     bad = tmp_path / "bad.ts"; bad.write_bytes(bytes(data))
     s = Watcher(xd["pred"], bad, out=tmp_path / "c.jsonl").run()
     steps, _ = read_jsonl(tmp_path / "c.jsonl")
-    assert s["stopped_by"] == "end of file" and s["steps"] >= 8 and [x["step"] for x in steps] == list(range(len(steps)))
+    assert s["stopped_by"] == "end of file" and s["steps"] >= 8
+    assert [x["step"] for x in steps] == list(range(len(steps)))
 
 
 def test_bad_arguments_and_unreachable_sources(xd, capsys):

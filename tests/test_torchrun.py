@@ -9,18 +9,21 @@ from avar_net.core import sha256_file
 from avar_net.synth import generate_synthxd
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRACT_YAML = "audio-backbone: random-tiny\nvideo-backbone: random-tiny\nprecision: fp32\ndevice: cpu\nno-progress: true\n"
+EXTRACT_YAML = ("audio-backbone: random-tiny\nvideo-backbone: random-tiny\nprecision: fp32\ndevice: cpu\n"
+                "no-progress: true\n")
 TRAIN_YAML = ("epochs: 2\nbatch-size: 4\ndevice: cpu\nnum-stages: 1\nnum-layers: 2\nnum-f-maps: 8\nno-progress: true\n")
 
 
 def env(**kw):
-    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                          "MASTER_PORT")}
     e.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + e.get("PYTHONPATH", ""), **kw)
     return e
 
 
 def extract(data, out, cfg, *extra, **envkw):
-    return subprocess.Popen([sys.executable, "-m", "avar_net.cli", "extract", str(data), str(out), "--xd", "--config", str(cfg), *extra],
+    return subprocess.Popen([sys.executable, "-m", "avar_net.cli", "extract", str(data), str(out), "--xd", "--config",
+                             str(cfg), *extra],
                             env=env(**envkw), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -32,7 +35,8 @@ def finish(p):
 
 @pytest.fixture(scope="module")
 def xd_root(tmp_path_factory):
-    return Path(generate_synthxd(tmp_path_factory.mktemp("xd") / "XD-Violence", "tiny", seed=0, train=(2, 1), test=(1, 1)))
+    return Path(generate_synthxd(tmp_path_factory.mktemp("xd") / "XD-Violence", "tiny", seed=0, train=(2, 1),
+                                 test=(1, 1)))
 
 
 @pytest.mark.slow
@@ -53,7 +57,7 @@ def test_ranks_from_env_dead_rank_rerun_alone(xd_root, tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["complete"] and m["shards"] == {"3": {"done": [0, 1, 2], "missing": []}} and m["counts"]["missing"] == 0
     assert all(sha256_file(out / "status" / n) == h for n, h in before.items())
-    # (a --shard that contradicts torchrun's rank is refused: nbs/05_features.ipynb, launch_shard)
+    # (a --shard that contradicts torchrun's rank is refused: nbs/05a_extract.ipynb, launch_shard)
 
 
 def readme_multiprocess_commands() -> list[str]:

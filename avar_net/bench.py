@@ -15,8 +15,7 @@ from .metrics import count_flops
 __all__ = ['median', 'ratio', 'interleave', 'cosine', 'machine_info', 'roofline_sizes', 'matmul_fns', 'matmul_roofline',
            'bench_cache_dir', 'make_bench_video', 'make_long_video', 'decode_all', 'bench_decode',
            'peak_rss_subprocess', 'extraction_peak_rss', 'copy_weights', 'bench_frames', 'bench_wave',
-           'bench_mobilevit', 'bench_wav2vec2', 'bench_pipeline', 'bench_train', 'bench_sizes', 'bench_clips',
-           'json_safe']
+           'bench_mobilevit', 'bench_wav2vec2', 'bench_pipeline', 'bench_train', 'bench_sizes', 'bench_clips']
 
 # %% ../nbs/13_bench.ipynb #cell-6
 def median(xs: Sequence[float]) -> float:
@@ -572,13 +571,3 @@ def bench_clips(quick: bool = False, cache_dir=None) -> list[Path]:
         if not p.exists(): make_bench_video(p, sec, w, h, fps, pattern="moving", seed=i)
         out.append(p)
     return out
-
-def json_safe(o):
-    "A JSON-safe copy of a result: NaN/inf -> None, numpy scalars -> Python, tuples -> lists, Paths -> str."
-    if isinstance(o, Mapping): return {str(k): json_safe(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)): return [json_safe(v) for v in o]
-    if isinstance(o, (np.floating, float)): return float(o) if math.isfinite(o) else None
-    if isinstance(o, (np.integer,)): return int(o)
-    if isinstance(o, np.bool_): return bool(o)
-    if isinstance(o, Path): return str(o)
-    return o

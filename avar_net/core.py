@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #cell-3
 from __future__ import annotations
-import os, io, json, hashlib, random, tempfile, contextlib, subprocess
+import os, io, json, math, hashlib, random, tempfile, contextlib, subprocess
 from pathlib import Path
 from typing import Iterator
 import numpy as np
@@ -12,8 +12,8 @@ import numpy as np
 # %% auto #0
 __all__ = ['VAAR_CLASSES', 'STYLE', 'AvarError', 'ConfigError', 'WeightsError', 'DataError', 'DecodeError', 'in_test',
            'project_root', 'project_path', 'atomic_write', 'atomic_write_bytes', 'atomic_write_text',
-           'atomic_write_json', 'sha256_file', 'sha256_bytes', 'seed_everything', 'auto_device', 'hf_offline',
-           'git_commit', 'cpu_flags', 'parse_shard', 'set_style', 'save_figure', 'save_table']
+           'atomic_write_json', 'sha256_file', 'sha256_bytes', 'json_safe', 'seed_everything', 'auto_device',
+           'hf_offline', 'git_commit', 'cpu_flags', 'parse_shard', 'set_style', 'save_figure', 'save_table']
 
 # %% ../nbs/00_core.ipynb #cell-6
 VAAR_CLASSES: list[str] = ["Abuse", "Baby cry", "Crash", "Brawling", "Explosion",
@@ -112,6 +112,16 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 def sha256_bytes(data: bytes) -> str: return hashlib.sha256(data).hexdigest()
+
+def json_safe(o):
+    "A strict-JSON copy of a result: NaN/inf -> None, numpy scalars -> Python, tuples -> lists, Paths -> str."
+    if isinstance(o, dict): return {str(k): json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)): return [json_safe(v) for v in o]
+    if isinstance(o, (np.floating, float)): return float(o) if math.isfinite(o) else None
+    if isinstance(o, np.integer): return int(o)
+    if isinstance(o, np.bool_): return bool(o)
+    if isinstance(o, Path): return str(o)
+    return o
 
 # %% ../nbs/00_core.ipynb #cell-22
 def seed_everything(seed: int) -> None:

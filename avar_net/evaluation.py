@@ -12,7 +12,8 @@ from .core import ConfigError, DataError, WeightsError, auto_device
 from .metrics import classification_metrics, xd_frame_ap
 from .model import AVARNet
 from .features import FeatureStore, FeatureDataset
-from .runtime import load_checkpoint, json_safe, config_diff
+from .runtime import load_checkpoint, config_diff
+from .core import json_safe
 from .train import run_split, split_metrics
 
 # %% auto #0

@@ -11,7 +11,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from . import __version__
 from .core import ConfigError, atomic_write_json, git_commit, parse_shard
-from .data import probe, decode_audio
+from .decode import probe
+from .soundtrack import decode_audio
 from .features import (FEATURE_FORMAT, FeatureConfig, ClipItem, list_clips, shard_items, clip_file, status_file,
                                write_feature_file, read_status, is_done, write_manifest, _status_record, _error_reason,
                                _cleanup_tmp)
@@ -214,7 +215,7 @@ def write_shard_record(out_dir, key: str, shard, items: Sequence[ClipItem], fail
 def pipeline_overhead(paths: Sequence, extractors: Extractors, cfg: FeatureConfig, repeats: int = 5,
                       warmup: int = 1) -> dict:
     "Median wall time of the full pipeline vs the backbones alone on pre-decoded input; ratio = pipeline / backbones."
-    from avar_net.data import decode_video_frames
+    from avar_net.decode import decode_video_frames
     ex = extractors
     pre = []
     for p in paths:

@@ -12,7 +12,9 @@ import numpy as np
 import torch
 from fastcore.basics import patch
 from .core import DecodeError
-from .data import TimeGrid, DecodeReport, pool_to_grid, probe, decode_audio
+from .data import TimeGrid, pool_to_grid
+from .decode import DecodeReport, probe
+from .soundtrack import decode_audio
 from .decode import count_frames, iter_video_frames
 from .features import FeatureConfig, XD_FPS, XD_FRAMES_PER_STEP, _error_reason
 if TYPE_CHECKING: from avar_net.extract import Extractors

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09a_runtime.ipynb #cell-3
 from __future__ import annotations
-import os, json, math, random, shutil, contextlib
+import os, json, random, shutil, contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -15,17 +15,10 @@ from .model import AVARNet
 from .fast_mtcn import accelerate
 
 # %% auto #0
-__all__ = ['json_safe', 'config_diff', 'rng_state', 'set_rng_state', 'save_checkpoint', 'checkpoint_problem',
-           'recover_checkpoint', 'load_checkpoint', 'Processes', 'setup_processes', 'autocast_for']
+__all__ = ['config_diff', 'rng_state', 'set_rng_state', 'save_checkpoint', 'checkpoint_problem', 'recover_checkpoint',
+           'load_checkpoint', 'Processes', 'setup_processes', 'autocast_for']
 
 # %% ../nbs/09a_runtime.ipynb #cell-6
-def json_safe(x):
-    "`x` with every non-finite float replaced by None (recursively through dicts, lists and tuples)."
-    if isinstance(x, float) and not math.isfinite(x): return None
-    if isinstance(x, dict): return {k: json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)): return [json_safe(v) for v in x]
-    return x
-
 def config_diff(a: Mapping, b: Mapping, skip=()) -> list[str]:
     "One line per key (not in `skip`) whose value differs between recorded config `a` and current config `b`."
     return [f"{k}: {a.get(k)!r} (recorded) vs {b.get(k)!r} (now)"

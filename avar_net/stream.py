@@ -131,6 +131,7 @@ def bench_scorer(backbones=("random", "random"), xd: bool = False, device: str =
     from avar_net.features import FeatureConfig
     from avar_net.extract import build_extractors
     from avar_net.model import AVARNet, AVARNetConfig
+    from avar_net.fast_mtcn import accelerate
     cfg = FeatureConfig(audio_backbone=backbones[0], video_backbone=backbones[1], xd=xd, device=device)
     ex = build_extractors(cfg)
     torch.manual_seed(0)
@@ -139,7 +140,7 @@ def bench_scorer(backbones=("random", "random"), xd: bool = False, device: str =
     task, names = ("xd", ["Normal", "Violent"]) if xd else ("clip", clip_names)
     m = AVARNet(AVARNetConfig(audio_dim=int(ex.audio.dim), video_dim=int(ex.video.dim), task=task,
                               num_classes=len(names)))
-    return stream_scorer(m, ex, cfg, task, names, device)
+    return stream_scorer(accelerate(m), ex, cfg, task, names, device)     # the MTCN's CPU fast path, as runs load it
 
 # %% ../nbs/31_stream.ipynb #cell-17
 class Watcher:
@@ -209,7 +210,7 @@ def _put(self: Watcher, item) -> bool:
 def _read(self: Watcher) -> None:
     "Reader thread: connect, decode, pace, and on a drop reconnect with exponential backoff; each outage becomes a gap."
     from avar_net.decode import _AV_ERRORS, _reason, _tag_rotation, _to_tensor, _timeline
-    from avar_net.data import _Budget
+    from avar_net.decode import _Budget
     offset, connected, down_since, tries, reason, last_t = 0.0, False, None, 0, "", 0.0
     try:
         while not self.stop.is_set():
@@ -493,7 +494,7 @@ def finetune_on_steps(run_dir, features_dir, segments: dict, epochs: int = 40, l
     `crop`: every clip is cut at a random step first, so the model also learns to score the last step it sees."""
     from avar_net.features import FeatureStore
     from avar_net.evaluation import load_run
-    from avar_net.train import save_checkpoint
+    from avar_net.runtime import save_checkpoint
     model, cfg = load_run(run_dir, "best")
     if cfg["task"] != "xd":
         raise ConfigError(f"{run_dir}: step labels are for XD runs (task 'xd'), got {cfg['task']!r}")

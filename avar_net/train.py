@@ -11,13 +11,13 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 from . import __version__
-from .core import VAAR_CLASSES, ConfigError, DataError, atomic_write_json, atomic_write_text, git_commit
+from .core import json_safe, VAAR_CLASSES, ConfigError, DataError, atomic_write_json, atomic_write_text, git_commit
 from .metrics import classification_metrics
 from .model import AVARNet, AVARNetConfig
 from .fast_mtcn import accelerate
 from .features import FeatureStore, FeatureDataset, collate_features
 from .runtime import (Processes, setup_processes, autocast_for, save_checkpoint, recover_checkpoint,
-                              load_checkpoint, rng_state, set_rng_state, json_safe, config_diff)
+                              load_checkpoint, rng_state, set_rng_state, config_diff)
 
 # %% auto #0
 __all__ = ['TrainConfig', 'derive_seed', 'carve_val_split', 'class_names_of', 'class_weights_for', 'epoch_batches', 'shard_batch',

@@ -7,9 +7,10 @@ from __future__ import annotations
 import os, sys, time, math
 from typing import Any, Mapping
 import numpy as np
-from .core import ConfigError
-from .bench import ratio, machine_info, matmul_roofline, bench_mobilevit, bench_wav2vec2, bench_clips, bench_decode, bench_pipeline, bench_train, make_long_video, extraction_peak_rss, bench_sizes
-from .core import json_safe
+from .core import ConfigError, json_safe
+from .bench import (ratio, machine_info, matmul_roofline, bench_mobilevit, bench_wav2vec2, bench_clips,
+                            bench_decode, bench_pipeline, bench_train, make_long_video, extraction_peak_rss,
+                            bench_sizes)
 
 # %% auto #0
 __all__ = ['TARGETS', 'check_targets', 'run_bench', 'format_bench', 'efficiency_table', 'roofline_figure']

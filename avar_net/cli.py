@@ -36,15 +36,9 @@ def _cli_help(modname: str) -> str | None:
             return ast.literal_eval(node.value)
     return None
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    "The `avar-net` argument parser with all subcommands."
-    F = argparse.ArgumentDefaultsHelpFormatter
-    p = _Parser(prog="avar-net",
-                description="AVAR-Net: audio-visual anomaly recognition (Wav2Vec2 + MobileViT, early fusion, "
-                            "multi-stage TCN).")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
-
+# %% ../nbs/11_cli.ipynb #0b30a1cb
+def _add_synth(sub, F):
+    "The `synth` subcommand."
     s = sub.add_parser("synth", help="generate the SynthAVAR (or SynthXD) dataset", formatter_class=F,
                        description="Generate SynthAVAR — real H.264/AAC MP4 clips of the ten VAAR classes in the VAAR "
                                    "layout (ROOT/<Class>/<clip>.mp4, splits.csv, manifest.json) — or SynthXD (--kind "
@@ -57,7 +51,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="SynthAVAR (clip labels) or SynthXD (untrimmed, frame annotations)")
     s.add_argument("--clips-per-class", type=int, default=None,
                    help="SynthAVAR clips per class (>= 3; default: the profile's, tiny 4 and small 30)")
+    return s
 
+def _add_extract(sub, F):
+    "The `extract` subcommand."
     e = sub.add_parser("extract", help="extract Wav2Vec2 + MobileViT features into a cache", formatter_class=F,
                        description="Decode every clip of DATA_ROOT (VAAR layout with splits.csv, or XD layout with "
                                    "train.list/test.list), extract per-step audio and video features and write one "
@@ -81,7 +78,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="auto: bf16 where the hardware has it, else int8 for Wav2Vec2 and MobileViT on AVX2 CPUs "
                         "(checked on load), else fp32")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return e
 
+# %% ../nbs/11_cli.ipynb #0e3310ac
+def _add_train(sub, F):
+    "The `train` subcommand."
     t = sub.add_parser("train", help="train AVAR-Net on cached features", formatter_class=F,
                        description="Train AVAR-Net (fusion + temporal model) on the feature cache FEATURES; write "
                                    "checkpoints, metrics.jsonl and the best model (chosen on the validation split) to "
@@ -107,7 +108,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run")
     t.add_argument("--no-progress", action="store_true")
+    return t
 
+# %% ../nbs/11_cli.ipynb #ec266911
+def _add_evaluate(sub, F):
+    "The `evaluate` subcommand."
     v = sub.add_parser("evaluate", help="evaluate a trained run on a split", formatter_class=F,
                        description="Evaluate the best checkpoint of RUN_DIR on a split of FEATURES: accuracy and "
                                    "P/R/F1 (VAAR), frame-level AP (XD-Violence). On the test split the numbers also go "
@@ -118,7 +123,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     v.add_argument("--gt", metavar="NPY",
                    help="XD-Violence: a frame-level ground-truth .npy (e.g. the authors' gt.npy) instead of the one "
                         "built from annotations.txt")
+    return v
 
+def _add_predict(sub, F):
+    "The `predict` subcommand."
     r = sub.add_parser("predict", help="predict the class and the anomaly timeline of videos", formatter_class=F,
                        description="Decode, extract and predict VIDEO files with the model in RUN_DIR.")
     r.add_argument("videos", nargs="+", metavar="VIDEO"); r.add_argument("--model", required=True, metavar="RUN_DIR")
@@ -126,7 +134,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true")
     r.add_argument("--plot", metavar="PNG", help="draw the timeline (one file; with several videos, _<i> is appended)")
     r.add_argument("--device", default="auto")
+    return r
 
+# %% ../nbs/11_cli.ipynb #60888761
+def _add_reproduce(sub, F):
+    "The `reproduce` subcommand."
     g = sub.add_parser("reproduce", help="re-execute the notebooks and regenerate figures/", formatter_class=F,
                        description="Run the experiment notebooks in order with papermill, save executed copies under "
                                    "runs/<profile>/ and all tables/figures plus MANIFEST.json in figures/.")
@@ -135,13 +147,35 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--figures-dir", default=None, help="where to write figures (default: the project's figures/)")
     g.add_argument("--data-root", default=None, help="full profile: VAAR root folder")
     g.add_argument("--xd-root", default=None, help="full profile: XD-Violence root folder")
+    return g
 
+def _add_bench(sub, F):
+    "The `bench` subcommand."
     b = sub.add_parser("bench", help="measure extraction speed against baselines and the roofline", formatter_class=F,
                        description="Benchmark the backbones (baseline eager fp32 vs avar_net's path), decoding, the "
                                    "whole pipeline, MTCN training and memory on a long video, side by side in one run.")
     b.add_argument("--json", action="store_true")
     b.add_argument("--quick", action="store_true", help="small CI version")
     b.add_argument("--repeats", type=int, default=5); b.add_argument("--device", default="cpu")
+    return b
+
+# %% ../nbs/11_cli.ipynb #b7b7da63
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    "The `avar-net` argument parser with all subcommands."
+    F = argparse.ArgumentDefaultsHelpFormatter
+    p = _Parser(prog="avar-net",
+                description="AVAR-Net: audio-visual anomaly recognition (Wav2Vec2 + MobileViT, early fusion, "
+                            "multi-stage TCN).")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    s = _add_synth(sub, F)
+    e = _add_extract(sub, F)
+    t = _add_train(sub, F)
+    v = _add_evaluate(sub, F)
+    r = _add_predict(sub, F)
+    g = _add_reproduce(sub, F)
+    b = _add_bench(sub, F)
     for sp in (s, e, t, v, r, g, b): _add_common(sp)
     # only the chosen command's module is imported (heavy imports stay out of --help)
     for name, modname in EXTENSIONS.items():

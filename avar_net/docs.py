@@ -129,7 +129,8 @@ def api_html(module: str, api: list[dict]) -> str:
                 f'id="{html.escape(e["name"])}"><h{level}><code>{html.escape(e["signature"])}</code></h{level}>'
                 f"{doc}{meths}</div>")
     items = "".join(entry(e) for e in api) or "<p>This module exports nothing.</p>"
-    return f'<section class="api" id="api-reference"><h2>API reference: <code>{html.escape(module)}</code></h2>{items}</section>'
+    head = f'<h2>API reference: <code>{html.escape(module)}</code></h2>'
+    return f'<section class="api" id="api-reference">{head}{items}</section>'
 
 # %% ../nbs/32_docs.ipynb #d0af7148
 @functools.lru_cache(maxsize=1)
@@ -191,14 +192,18 @@ def check_links(site) -> list[str]:
     return probs
 
 # %% ../nbs/32_docs.ipynb #7319e75e
-_SITE_CSS = """body.jp-Notebook{margin:0;display:flex;font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;background:#fff}
-.site-nav{flex:0 0 15rem;padding:1rem;border-right:1px solid #ddd;height:100vh;position:sticky;top:0;overflow-y:auto;font-size:0.9rem;box-sizing:border-box}
+_SITE_CSS = """body.jp-Notebook{margin:0;display:flex;font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;
+background:#fff}
+.site-nav{flex:0 0 15rem;padding:1rem;border-right:1px solid #ddd;height:100vh;position:sticky;top:0;
+overflow-y:auto;font-size:0.9rem;box-sizing:border-box}
 .site-nav h4{margin:1rem 0 0.3rem;font-size:0.8rem;text-transform:uppercase;color:#666}
 .site-nav ul{list-style:none;padding:0;margin:0}.site-nav li{margin:0.15rem 0}
 .site-nav a{color:#1a5fb4;text-decoration:none}.site-nav a.current{font-weight:bold;color:#000}
 .site-main{flex:1;min-width:0;max-width:72rem;padding:1rem 2rem}
-.site-note{background:#fff8e1;border-left:4px solid #f0b400;padding:0.5rem 1rem;margin:0.5rem 0;font-size:0.9rem}
-.api{border-top:2px solid #ddd;margin-top:2rem}.api-entry{margin:1rem 0}.api-entry h3,.api-entry h4{font-size:1rem;margin:0.4rem 0}
+.site-note{background:#fff8e1;border-left:4px solid #f0b400;padding:0.5rem 1rem;margin:0.5rem 0;
+font-size:0.9rem}
+.api{border-top:2px solid #ddd;margin-top:2rem}.api-entry{margin:1rem 0}
+.api-entry h3,.api-entry h4{font-size:1rem;margin:0.4rem 0}
 .api-entry .api-entry{margin-left:1.5rem}
 .jp-RenderedHTMLCommon table{border-collapse:collapse;font-size:0.85rem}
 .jp-RenderedHTMLCommon td,.jp-RenderedHTMLCommon th{border:1px solid #ccc;padding:0.2rem 0.5rem}
@@ -255,7 +260,9 @@ def _notes(stem, executed, missing, entry) -> str:
         return ("This page shows the notebook without outputs: no executed copy of it is kept in "
                 "<code>figures/notebooks/</code> (<code>avar-net reproduce</code> keeps the experiment notebooks', "
                 "<code>avar-net docs --execute</code> the others').")
-    src = f" (profile <code>{html.escape(str(entry.get('profile')))}</code>, commit <code>{html.escape(str(entry.get('git_commit', ''))[:12])}</code>)" if entry else ""
+    entry = entry or {}
+    prof, commit = html.escape(str(entry.get("profile"))), html.escape(str(entry.get("git_commit", ""))[:12])
+    src = f" (profile <code>{prof}</code>, commit <code>{commit}</code>)" if entry else ""
     note = f"The outputs below come from the executed copy <code>figures/notebooks/{stem}.ipynb</code>{src}."
     if missing: note += f" {missing} code cell(s) changed since that copy was made and show no output."
     return note
@@ -274,7 +281,8 @@ def build_page(path, kept_dir, lib_dir, manifest: dict, site) -> dict:
     if mod and (py := Path(lib_dir) / f"{mod.replace('.', '/')}.py").exists():
         body += api_html(f"{Path(lib_dir).name}.{mod}", module_api(py))
     if stem != "index":
-        body = f'<p class="site-note">{_notes(stem, executed, missing, manifest.get("notebooks", {}).get(stem))}</p>' + body
+        note = _notes(stem, executed, missing, manifest.get("notebooks", {}).get(stem))
+        body = f'<p class="site-note">{note}</p>' + body
     return dict(stem=stem, title=_title(src, stem), part=part(stem), body=body, outputs=executed is not None,
                 missing=missing)
 

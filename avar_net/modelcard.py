@@ -176,7 +176,8 @@ def _eval_md(f: Mapping) -> str:
 # %% ../nbs/19_modelcard.ipynb #9ad724f6
 _LIMITS = """- **Surveillance use**: AVAR-Net targets footage that mostly comes from surveillance cameras. A score is not evidence
   of a crime; keep a person in the loop, and do not use it to identify, profile or track individuals.
-- **Privacy**: the videos you score show people; process them locally and follow the law that applies to recording them.
+- **Privacy**: the videos you score show people; process them locally and follow the law that applies to recording
+  them.
 - **Bias**: the model learns only the classes, scenes, cameras and sounds of its training data. Its errors are not
   evenly spread: expect more of them on places, people, lighting and audio unlike the training clips.
 - **Audio**: a clip without an audio track is scored with zero audio features, a condition training rarely shows.

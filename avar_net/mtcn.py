@@ -175,6 +175,7 @@ class MeanPoolMLP(nn.Module):
         mask = check_sequence(x, mask)
         return _out(self.mlp(zero_pad(x, mask)), mask)
 
+# %% ../nbs/07_mtcn.ipynb #8693c24b
 class BiGRUTemporal(nn.Module):
     "Bidirectional GRU on packed (right-padded) sequences, then a linear classifier (ours). -> `(1,B,T,C)`."
     def __init__(self, in_dim: int, num_classes: int, num_f_maps: int = 64, dropout: float = 0.5, num_layers: int = 1):
@@ -190,6 +191,7 @@ class BiGRUTemporal(nn.Module):
         h, _ = nn.utils.rnn.pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=x.shape[1])
         return _out(self.out(self.dropout(h)), mask)
 
+# %% ../nbs/07_mtcn.ipynb #939b4a6b
 def sinusoidal_positions(T: int, dim: int, device=None) -> torch.Tensor:
     "The Transformer's sine/cosine position table `(T, dim)`."
     pos = torch.arange(T, device=device, dtype=torch.float32)[:, None]

@@ -15,9 +15,11 @@ def write_xd_release(root, n_train: int = 12, n_test: int = 6, rgb_dim: int = 16
                      seed: int = 0, signal: float = 2.0, damage: bool = True, crops: int = 5) -> dict:
     """A small generated XD-Violence feature release under `root`: `root/list/` (rgb.list, audio.list, rgb_test.list,
     audio_test.list with absolute paths of another machine, annotations.txt) and `root/features/` (RGB, RGBTest,
-    vggish). Half the videos violent; anomalous snippets carry `+signal` on a fixed direction. Returns paths and truth."""
+    vggish). Half the videos violent; anomalous snippets carry `+signal` on a fixed direction. Returns paths and
+    truth."""
     root = Path(root); lst, feat = root / "list", root / "features"
-    for d in (lst, feat / "RGB", feat / "RGBTest", feat / "vggish" / "train", feat / "vggish" / "test"): d.mkdir(parents=True, exist_ok=True)
+    for d in (lst, feat / "RGB", feat / "RGBTest", feat / "vggish" / "train", feat / "vggish" / "test"):
+        d.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     dir_r, dir_a = rng.normal(size=rgb_dim), rng.normal(size=audio_dim)
     dir_r, dir_a = dir_r / np.linalg.norm(dir_r), dir_a / np.linalg.norm(dir_a)
@@ -28,7 +30,8 @@ def write_xd_release(root, n_train: int = 12, n_test: int = 6, rgb_dim: int = 16
         if split == "train": labs = list(rng.permutation(labs))
         for j, lab in enumerate(labs):
             i = len(vids)
-            name = f"Film.{i:03d}.2001__#00-{i // 60:02d}-{i % 60:02d}_00-09-00_label_{codes[i % len(codes)] if lab else 'A'}"
+            code = codes[i % len(codes)] if lab else "A"
+            name = f"Film.{i:03d}.2001__#00-{i // 60:02d}-{i % 60:02d}_00-09-00_label_{code}"
             t = int(rng.integers(T[0], T[1] + 1)); y = np.zeros(t, int)
             if lab:
                 s = int(rng.integers(0, t - 2)); y[s:s + max(2, t // 3)] = 1
@@ -38,16 +41,18 @@ def write_xd_release(root, n_train: int = 12, n_test: int = 6, rgb_dim: int = 16
         t, y = v["T"], v["y"]
         base = rng.normal(size=(t, rgb_dim)) + signal * y[:, None] * dir_r
         rdir = feat / ("RGB" if v["split"] == "train" else "RGBTest")
-        for k in range(crops): np.save(rdir / f"{v['name']}__{k}.npy", (base + 0.3 * rng.normal(size=base.shape)).astype(np.float32))
+        for k in range(crops):
+            np.save(rdir / f"{v['name']}__{k}.npy", (base + 0.3 * rng.normal(size=base.shape)).astype(np.float32))
         ta = t - 1 if v["short_audio"] else t
         a = rng.normal(size=(ta, audio_dim)) + signal * y[:ta, None] * dir_a
         np.save(feat / "vggish" / v["split"] / f"{v['name']}__vggish.npy", a.astype(np.float32))
-        v["T_used"] = ta                    # snippets after the alignment (the last RGB row dropped when audio is shorter)
+        v["T_used"] = ta        # snippets after the alignment (the last RGB row dropped when audio is shorter)
     stale = "/media/xd/i3d-features"
     for split, (rl, al) in {"train": ("rgb.list", "audio.list"), "test": ("rgb_test.list", "audio_test.list")}.items():
         vs = [v for v in vids if v["split"] == split]
         if split == "test": vs = sorted(vs, key=lambda v: -v["label"])          # violent first, as the official list
-        (lst / rl).write_text("".join(f"{stale}/{'RGB' if split == 'train' else 'RGBTest'}/{v['name']}__{k}.npy\n" for v in vs for k in range(crops)))
+        sub = "RGB" if split == "train" else "RGBTest"
+        (lst / rl).write_text("".join(f"{stale}/{sub}/{v['name']}__{k}.npy\n" for v in vs for k in range(crops)))
         (lst / al).write_text("".join(f"/media/xd/vggish-features/{v['name']}__vggish.npy\n" for v in vs))
     ann = []
     for j, v in enumerate(v for v in vids if v["split"] == "test" and v["label"]):

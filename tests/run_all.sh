@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export MPLBACKEND=Agg HF_HUB_OFFLINE=1 PYTHONHASHSEED=0 TOKENIZERS_PARALLELISM=false
 start=$(date +%s)
-echo "== ruff (pyproject.toml: syntax errors and pyflakes over avar_net/ and tests/)"
+echo "== ruff (pyproject.toml: syntax errors, pyflakes and line length over avar_net/ and tests/)"
 ruff check
 echo "== nbdev_test over nbs/ (IN_TEST=1: every module notebook runs its ci-sized path)"
 # The experiment notebooks (2x_*) are executed once, by tests/test_reproduce_ci.py (papermill, profile ci), not twice.

@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from avar_net.bench import bench_decode, cosine, interleave, make_bench_video, make_long_video, median, peak_rss_subprocess, ratio
+from avar_net.bench import (bench_decode, cosine, interleave, make_bench_video, make_long_video, median,
+                            peak_rss_subprocess, ratio)
 from avar_net.core import json_safe
 
 

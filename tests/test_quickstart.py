@@ -24,7 +24,8 @@ def test_quickstart_commands_are_the_issue_s():
     assert [c.split()[1] for c in cmds] == ["synth", "extract", "train", "evaluate", "predict"]
     # the issue's commands, which may grow options but not change
     for must in ("avar-net synth data/synth --profile tiny --seed 0",
-                 "avar-net extract data/synth features/synth --audio-backbone synth-pretrained --video-backbone synth-pretrained",
+                 "avar-net extract data/synth features/synth --audio-backbone synth-pretrained "
+                 "--video-backbone synth-pretrained",
                  "avar-net train features/synth runs/synth --epochs 20 --seed 0",
                  "avar-net evaluate runs/synth features/synth --split test --json",
                  "avar-net predict data/synth/Explosion/<clip>.mp4 --model runs/synth --json"):

@@ -95,7 +95,7 @@ def _split_records(store: FeatureStore, data, pos: Mapping, split: str, run_dir:
     return recs
 
 def _xd_test_metrics(store: FeatureStore, recs: Sequence[Mapping], res: Mapping, annotations, gt) -> dict:
-    "Frame-level AP of the xd task on the test split (crops of a video scored together)."
+    "Frame-level AP of the weak task on the test split (crops of a video scored together)."
     scores, vrecs = xd_video_scores(recs, res["step_scores"])
     if gt is not None:                   # a ready vector: the cache must still hold every test clip (all crops)
         bad = [k for k, r in store.manifest["clips"].items() if r.get("split") == "test" and r.get("status") != "ok"]

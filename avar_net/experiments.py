@@ -431,7 +431,7 @@ def model_cost(run: Mapping, T: int) -> dict:
 # %% ../nbs/15_experiments.ipynb #cell-24
 def run_outputs(run_dir, features, split: str | None = "test", device: str = "cpu") -> dict:
     """Best checkpoint of `run_dir` on `split` (None: every clip) of `features`: clip_id, label, split, and logits (clip
-    task) or video_logit + step_scores (xd task), in the cache's order, plus `fused` (N, D): the fusion output
+    task) or video_logit + step_scores (weak task), in the cache's order, plus `fused` (N, D): the fusion output
     mean-pooled over valid steps."""
     import torch
     from avar_net.features import FeatureStore, FeatureDataset

@@ -216,7 +216,7 @@ class HLNetTemporal(nn.Module):
     def __init__(self, in_dim: int, num_classes: int = 2, dropout: float = 0.6, **hlnet_kw):
         super().__init__()
         if num_classes != 2:
-            raise ConfigError("temporal 'hlnet' scores anomalies (task 'xd', 2 classes), got "
+            raise ConfigError("temporal 'hlnet' scores anomalies (task 'weak', 2 classes), got "
                               f"num_classes={num_classes}")
         self.net = HLNet(in_dim, dropout=dropout, **hlnet_kw)
 

@@ -72,7 +72,7 @@ class Predictor:
         v = torch.as_tensor(np.asarray(video), dtype=torch.float32, device=self.device)[None]
         out = self.model(a, v, torch.ones(a.shape[:2], dtype=torch.bool, device=self.device))
         step_probs = out["step_probs"][0].float().cpu().numpy().astype(np.float64)
-        if self.task == "xd":
+        if self.task == "weak":
             p = float(torch.sigmoid(out["video_logit"][0].float()))
             top = sorted([["Violent", p], ["Normal", 1 - p]], key=lambda x: -x[1])
             scores, kind = out["step_scores"][0].float().cpu().numpy().astype(np.float64), "p(anomalous) per step"

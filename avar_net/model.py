@@ -20,7 +20,7 @@ from .hlnet import HLNetTemporal, hlnet_loss
 __all__ = ['TASKS', 'TEMPORALS', 'AVARNetConfig', 'FeatureScaler', 'AVARNet']
 
 # %% ../nbs/08_model.ipynb #cell-6
-TASKS = ("clip", "xd")
+TASKS = ("clip", "weak")
 TEMPORALS = {**TEMPORAL, "hlnet": HLNetTemporal}   # the temporal models AVARNet can build
 
 # %% ../nbs/08_model.ipynb #424f947f
@@ -65,10 +65,10 @@ class AVARNetConfig:
         for name, allowed in (("task", TASKS), ("fusion", FUSIONS), ("temporal", tuple(TEMPORALS))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"AVARNetConfig.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
-        if self.temporal == "hlnet" and self.task != "xd":
-            raise ConfigError("temporal 'hlnet' scores anomalies: it needs task 'xd'")
-        if self.task == "xd" and self.num_classes != 2:
-            raise ConfigError("task 'xd' predicts 2 per-step classes (normal, anomalous): set num_classes=2, got "
+        if self.temporal == "hlnet" and self.task != "weak":
+            raise ConfigError("temporal 'hlnet' scores anomalies: it needs task 'weak'")
+        if self.task == "weak" and self.num_classes != 2:
+            raise ConfigError("task 'weak' predicts 2 per-step classes (normal, anomalous): set num_classes=2, got "
                               f"{self.num_classes}")
         return self
 
@@ -81,6 +81,7 @@ class AVARNetConfig:
         known = {f.name for f in fields(cls)}
         if unknown := sorted(set(d) - known):
             raise ConfigError(f"unknown AVARNetConfig keys {unknown}; known keys: {sorted(known)}")
+        if d.get("task") == "xd": d = {**d, "task": "weak"}     # the name in configs saved by earlier versions
         return cls(**d)
 
 # %% ../nbs/08_model.ipynb #cell-10

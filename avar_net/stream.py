@@ -137,7 +137,7 @@ def bench_scorer(backbones=("random", "random"), xd: bool = False, device: str =
     torch.manual_seed(0)
     clip_names = ["Abuse", "Baby cry", "Crash", "Brawling", "Explosion", "Intruder", "Normal", "Pain", "Police siren",
                   "Vandalism"]
-    task, names = ("xd", ["Normal", "Violent"]) if xd else ("clip", clip_names)
+    task, names = ("weak", ["Normal", "Violent"]) if xd else ("clip", clip_names)
     m = AVARNet(AVARNetConfig(audio_dim=int(ex.audio.dim), video_dim=int(ex.video.dim), task=task,
                               num_classes=len(names)))
     return stream_scorer(accelerate(m), ex, cfg, task, names, device)     # the MTCN's CPU fast path, as runs load it
@@ -267,7 +267,7 @@ def _score(self: Watcher, step: dict) -> dict:
     try: r = self.scorer.predict_features(np.stack(self.win_a), np.stack(self.win_v))
     finally: torch.set_num_threads(n)
     score = float(r["step_scores"][-1])
-    if self.scorer.task == "xd": top = sorted([["Violent", score], ["Normal", 1 - score]], key=lambda x: -x[1])
+    if self.scorer.task == "weak": top = sorted([["Violent", score], ["Normal", 1 - score]], key=lambda x: -x[1])
     else:
         p = np.asarray(r["step_probs"][-1]); order = np.argsort(-p, kind="stable")[: self.top]
         top = [[self.scorer.class_names[i], float(p[i])] for i in order]
@@ -496,8 +496,8 @@ def finetune_on_steps(run_dir, features_dir, segments: dict, epochs: int = 40, l
     from avar_net.evaluation import load_run
     from avar_net.runtime import save_checkpoint
     model, cfg = load_run(run_dir, "best")
-    if cfg["task"] != "xd":
-        raise ConfigError(f"{run_dir}: step labels are for XD runs (task 'xd'), got {cfg['task']!r}")
+    if cfg["task"] != "weak":
+        raise ConfigError(f"{run_dir}: step labels are for XD runs (task 'weak'), got {cfg['task']!r}")
     store, data = FeatureStore(features_dir), []
     for r in store.records("train"):
         d, name = store.load(r["clip_id"]), Path(r["source"]).stem

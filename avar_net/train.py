@@ -47,7 +47,7 @@ class TrainConfig:
     amp: str = "auto"                # auto = bf16 autocast on CUDA, none elsewhere
     num_workers: int = 0             # DataLoader workers
     val_fraction: float = 0.2        # carved from train when the cache has no 'val' split (ours)
-    select_on: str = "auto"          # auto = macro_f1 (clip task) / video_ap (xd task); or loss, accuracy
+    select_on: str = "auto"          # auto = macro_f1 (clip task) / video_ap (weak task); or loss, accuracy
     grad_clip: float | None = None   # max gradient norm, None = no clipping
     deterministic: bool = True       # torch.use_deterministic_algorithms while training
 
@@ -203,7 +203,7 @@ def split_metrics(res: Mapping, task: str, class_names: Sequence[str]) -> dict:
 def _select(task: str, select_on: str) -> tuple[str, str]:
     key = select_on if select_on != "auto" else ("macro_f1" if task == "clip" else "video_ap")
     if task == "clip" and key == "video_ap": raise ConfigError("select_on='video_ap' is for the xd task")
-    if task == "xd" and key in ("accuracy", "macro_f1"): raise ConfigError(f"select_on={key!r} is for the clip task")
+    if task == "weak" and key in ("accuracy", "macro_f1"): raise ConfigError(f"select_on={key!r} is for the clip task")
     return key, ("min" if key == "loss" else "max")
 
 def _better(score: float, best: float | None, mode: str) -> bool:
@@ -241,9 +241,9 @@ def resolve_model_config(store: FeatureStore, model_cfg=None) -> AVARNetConfig:
         default = AVARNetConfig().to_dict()
         given = {k: v for k, v in model_cfg.to_dict().items() if k not in _AUTO_FIELDS or v != default[k]}
     else: given = dict(model_cfg or {})
-    task = "xd" if store.config.xd else "clip"
+    task = "weak" if store.config.xd else "clip"
     auto = {"audio_dim": store.audio_dim, "video_dim": store.video_dim, "task": task,
-            "num_classes": 2 if task == "xd" else len(class_names_of(store))}
+            "num_classes": 2 if task == "weak" else len(class_names_of(store))}
     for k, v in auto.items():
         if k in given and given[k] != v:
             raise ConfigError(f"model config {k}={given[k]!r} does not match the feature cache ({k}={v!r}) "
@@ -478,7 +478,7 @@ def train(features_dir, run_dir, model_cfg: AVARNetConfig | dict | None = None,
     else: tcfg = dataclasses.replace(train_cfg or TrainConfig())
     tcfg.validate()
     mcfg = resolve_model_config(store, model_cfg)
-    task, class_names = mcfg.task, (["Normal", "Violent"] if mcfg.task == "xd" else class_names_of(store))
+    task, class_names = mcfg.task, (["Normal", "Violent"] if mcfg.task == "weak" else class_names_of(store))
     sel_key, sel_mode = _select(task, tcfg.select_on)
     feats = _features_info(store)
     split = _clip_split(store, tcfg, mcfg.num_classes)

@@ -125,7 +125,7 @@ def test_xd_predictor(tmp_path):
     p = Predictor(tmp_path / "r", device="cpu")
     vid = sorted((root / "videos").glob("*.mp4"))[0]
     r = p.predict(vid)
-    assert r["task"] == "xd" and {n for n, _ in r["top"]} == {"Violent", "Normal"}
+    assert r["task"] == "weak" and {n for n, _ in r["top"]} == {"Violent", "Normal"}
     assert sum(x for _, x in r["top"]) == pytest.approx(1.0)
     assert r["step_s"] == pytest.approx(16 / 24) and len(r["step_scores"]) == (r["n_frames"] - 1) // 16
     assert np.allclose(r["step_scores"], np.asarray(r["step_probs"])[:, 1])

@@ -50,7 +50,7 @@ COMBOS = [(f, t) for f in FUSIONS for t in TEMPORAL]
 
 @pytest.mark.parametrize("fusion,temporal", COMBOS)
 def test_shapes_padding_invariance_and_gradients(fusion, temporal):
-    for task in ("clip", "xd"):
+    for task in ("clip", "weak"):
         seed_everything(0)
         model = AVARNet(cfg_for(fusion, temporal, task))
         a, v, mask = batch()
@@ -91,7 +91,7 @@ def test_shapes_padding_invariance_and_gradients(fusion, temporal):
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, (task, n)
 
 
-@pytest.mark.parametrize("task", ["clip", "xd"])
+@pytest.mark.parametrize("task", ["clip", "weak"])
 def test_loss_does_not_depend_on_padding(task):
     seed_everything(0)
     model = AVARNet(cfg_for("late", "mtcn", task)).eval()
@@ -116,7 +116,7 @@ def test_losses_are_as_documented():
     assert torch.allclose(m.loss(out, y, mask, class_weights=w), want)
     assert torch.allclose(out["logits"], clip_logits(out["stage_logits"][-1], mask))
     # xd: sum over stages of BCE(top-k mean of l1 - l0) + 0.15 smoothing
-    m = AVARNet(cfg_for(task="xd"))
+    m = AVARNet(cfg_for(task="weak"))
     out, y = m(a, v, mask), torch.tensor([1, 0, 1])
     want = sum(F.binary_cross_entropy_with_logits(mil_topk(p[..., 1] - p[..., 0], mask), y.float())
                + 0.15 * smoothing_loss(p, mask) for p in out["stage_logits"])
@@ -156,7 +156,7 @@ def test_config_round_trip_and_errors():
                      ({"task": "seg"}, "task must be one of"), ({"num_classes": 1}, "num_classes"),
                      ({"proj_dim": 0}, "proj_dim"), ({"dropout": -0.1}, "dropout"), ({"tau": float("inf")}, "tau"),
                      ({"smooth_weight": "0.1"}, "smooth_weight"), ({"num_f_maps": 8.0}, "num_f_maps"),
-                     ({"task": "xd"}, "num_classes=2"), ({"extra": 1}, "unknown AVARNetConfig keys ['extra']")]:
+                     ({"task": "weak"}, "num_classes=2"), ({"extra": 1}, "unknown AVARNetConfig keys ['extra']")]:
         with pytest.raises(ConfigError, match=msg.replace("[", r"\[").replace("]", r"\]")):
             AVARNetConfig.from_dict(bad)
     # the model keeps its own copy of the config
@@ -176,16 +176,16 @@ def test_forward_errors():
         m.loss(m(a, v, mask), torch.tensor([0, 1]), mask)
     with pytest.raises(DataError, match=r"labels must lie in 0..2 for task 'clip', got \[0, 1, 3\]"):
         m.loss(m(a, v, mask), torch.tensor([0, 1, 3]), mask)
-    xd = AVARNet(cfg_for(task="xd"))
-    with pytest.raises(DataError, match="labels must lie in 0..1 for task 'xd'"):
+    xd = AVARNet(cfg_for(task="weak"))
+    with pytest.raises(DataError, match="labels must lie in 0..1 for task 'weak'"):
         xd.loss(xd(a, v, mask), torch.tensor([0, 1, 2]), mask)
     with pytest.raises(ConfigError, match=r"class_weights must have shape \(3,\)"):
         m.loss(m(a, v, mask), torch.tensor([0, 1, 2]), mask, class_weights=[1.0, 2.0])
 
 
 # ---- save / load -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fusion,temporal,task", [("early", "mtcn", "clip"), ("late", "bigru", "xd"),
-                                                  ("intermediate", "transformer", "clip"), ("audio", "meanpool", "xd")])
+@pytest.mark.parametrize("fusion,temporal,task", [("early", "mtcn", "clip"), ("late", "bigru", "weak"),
+                                                  ("intermediate", "transformer", "clip"), ("audio", "meanpool", "weak")])
 def test_save_load_round_trip(tmp_path, fusion, temporal, task):
     seed_everything(0)
     m = AVARNet(cfg_for(fusion, temporal, task, proj_dim=6)).eval()

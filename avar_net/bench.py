@@ -66,7 +66,7 @@ def _cpu_model() -> str:
     except OSError: pass
     return platform.processor() or platform.machine()
 
-def _cpu_flags() -> list[str]:
+def _bf16_flags() -> list[str]:
     return sorted(f for f in cpu_flags() if "bf16" in f or f.startswith("amx"))
 
 def _versions() -> dict:
@@ -80,7 +80,7 @@ def machine_info(device: str = "cpu") -> dict:
     "CPU model, cores, torch threads, bf16 CPU flags, versions, load average and (on CUDA) the GPU name."
     import torch
     info = {"device": str(device), "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "cpu_bf16_flags": _cpu_flags(),
+            "torch_threads": torch.get_num_threads(), "cpu_bf16_flags": _bf16_flags(),
             "torch_version": torch.__version__,
             "versions": _versions(), "python": platform.python_version(), "platform": platform.platform(),
             "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
@@ -314,17 +314,6 @@ def extraction_peak_rss(path, cfg: Mapping | None = None, timeout_s: float = 4 *
     return {"peak_rss_mb": r["peak_rss_mb"], "wall_s": r["wall_s"], **child}
 
 # %% ../nbs/13_bench.ipynb #cell-30
-def _module_of(extractor):
-    "The backbone `nn.Module` inside an extractor."
-    from torch import nn
-    for name in ("model", "backbone", "net", "_model", "module"):
-        m = getattr(extractor, name, None)
-        if isinstance(m, nn.Module): return m
-    mods = [v for v in vars(extractor).values() if isinstance(v, nn.Module)]
-    if len(mods) == 1: return mods[0]
-    raise AvarError(f"cannot find the backbone module inside {type(extractor).__name__} "
-                    f"(attributes: {sorted(vars(extractor))})")
-
 def copy_weights(src, dst, allow_missing: Sequence[str] = ()) -> list[str]:
     """Load `src`'s state dict into `dst` (as fp32). Every tensor of `src` must land; keys of `dst` may stay missing
     only when they start with one of `allow_missing` (e.g. a classifier the features never use). Returns those keys."""

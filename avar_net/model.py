@@ -81,7 +81,7 @@ class AVARNetConfig:
         known = {f.name for f in fields(cls)}
         if unknown := sorted(set(d) - known):
             raise ConfigError(f"unknown AVARNetConfig keys {unknown}; known keys: {sorted(known)}")
-        if d.get("task") == "xd": d = {**d, "task": "weak"}     # the name in configs saved by earlier versions
+        if d.get("task") == "xd": d = {**d, "task": "weak"}     # 'xd' is read as 'weak'
         return cls(**d)
 
 # %% ../nbs/08_model.ipynb #cell-10
@@ -187,8 +187,9 @@ class AVARNet(nn.Module):
 @patch
 def loss(self: AVARNet, out: dict, label: torch.Tensor, mask: torch.Tensor | None = None,
           class_weights: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
-    """Training loss for `out = self(audio, video, mask)` and clip/video labels `(B,)` (see above); `reduction='none'`:
-    the loss of every clip on its own, `(B,)` (the trainer weights and sums those)."""
+    """Training loss for `out = self(audio, video, mask)` and clip/video labels `(B,)`: cross-entropy of the clip
+    logits (clip task) or MIL (weak task), plus smoothing, summed over stages; `reduction='none'`: the loss of every
+    clip on its own, `(B,)` (the trainer weights and sums those)."""
     stage = out["stage_logits"]
     if mask is None: mask = torch.ones(stage.shape[1:3], dtype=torch.bool, device=stage.device)
     C = self.cfg.num_classes
@@ -292,7 +293,8 @@ def from_pretrained(cls: AVARNet, load_dir, device="cpu") -> "AVARNet":
 @patch
 def num_parameters(self: AVARNet, trainable_only: bool = False) -> int:
     "Number of parameters (only those with `requires_grad` when `trainable_only`)."
-    return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+    from avar_net.metrics import count_parameters
+    return count_parameters(self, trainable_only)
 
 @patch
 def flops(self: AVARNet, T: int = 240, batch: int = 1) -> int:

@@ -202,7 +202,7 @@ def split_metrics(res: Mapping, task: str, class_names: Sequence[str]) -> dict:
 # %% ../nbs/09_train.ipynb #cell-38
 def _select(task: str, select_on: str) -> tuple[str, str]:
     key = select_on if select_on != "auto" else ("macro_f1" if task == "clip" else "video_ap")
-    if task == "clip" and key == "video_ap": raise ConfigError("select_on='video_ap' is for the xd task")
+    if task == "clip" and key == "video_ap": raise ConfigError("select_on='video_ap' is for the weak task")
     if task == "weak" and key in ("accuracy", "macro_f1"): raise ConfigError(f"select_on={key!r} is for the clip task")
     return key, ("min" if key == "loss" else "max")
 

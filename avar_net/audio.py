@@ -4,14 +4,13 @@
 
 # %% ../nbs/03_audio.ipynb #cell-3
 from __future__ import annotations
-import json, contextlib
+import json
 from typing import Callable
 import numpy as np
 from fastcore.basics import patch
 from .core import ConfigError, WeightsError, DataError, sha256_file, auto_device
 from .weights import (parse_weight_spec, fetch_hub_files, fetch_hint, pick_weight_file, random_init,
                               quiet_transformers)
-from .fast_backbones import accelerate_wav2vec2, INT8_SCHEME
 import torch
 
 # %% auto #0
@@ -123,8 +122,8 @@ def stitch_keep(bounds, kernels, strides) -> list[tuple[int, np.ndarray]]:
 class AudioExtractor:
     """Frozen Wav2Vec2: `features(wave)` -> (times (N,), vectors (N, D) float32); `extract(wave, grid)` -> (T, D).
     `layer` is a hidden-state index (-1 = last; 0 = the transformer's input after the positional convolution)."""
-    def __init__(self, backbone: str = W2V_DEFAULT, layer: int = -1, device="cpu", precision: str = "auto",
-                 chunk_s: float = 30.0, overlap_s: float = 1.0, batch_size: int|None = None):
+    def __init__(self, backbone: str = W2V_DEFAULT, layer: int = -1, device="cpu", chunk_s: float = 30.0,
+                 overlap_s: float = 1.0, batch_size: int|None = None):
         self.backbone = str(backbone)
         self.device = auto_device(device) if str(device) == "auto" else torch.device(device)
         model, fe, self.weights_id, self.weights_sha256 = load_wav2vec2(self.backbone)
@@ -139,11 +138,9 @@ class AudioExtractor:
             raise ConfigError(f"layer {layer} out of range for {self.backbone} ({self.num_layers} transformer layers: "
                               f"-{self.num_layers + 1}..{self.num_layers})")
         self.layer = layer % (self.num_layers + 1)
-        # the reference model, swapped for the CPU fast path that `precision` asks for ('fp32': kept as it is)
-        model, self.precision_used, self.int8_check = accelerate_wav2vec2(
-            model, precision, self.device, sr=self.sr, do_normalize=self.do_normalize, layer=self.layer,
-            name=self.backbone)
         self.model = model.to(self.device)
+        # the reference runs in fp32; `fast_backbones.accelerate_wav2vec2` swaps in a fast path and records it here
+        self.precision_used, self.fast_path = "fp32", {}
         if chunk_s <= 0 or overlap_s < 0 or overlap_s >= chunk_s:
             raise ConfigError(f"need chunk_s > overlap_s >= 0, got chunk_s={chunk_s}, overlap_s={overlap_s}")
         self.chunk_s, self.overlap_s = float(chunk_s), float(overlap_s)
@@ -160,8 +157,7 @@ class AudioExtractor:
         return dict(backbone=self.backbone, weights_id=self.weights_id, layer=self.layer, dim=self.dim, sr=self.sr,
                     do_normalize=self.do_normalize, chunk_s=self.chunk_s, overlap_s=self.overlap_s,
                     precision_used=self.precision_used, hop=self.hop, receptive_field=self.receptive_field,
-                    **({"int8_check": self.int8_check} if self.int8_check else {}),
-                    **({"int8_scheme": INT8_SCHEME} if self.precision_used == "int8" else {}))
+                    **self.fast_path)
 
     def times(self, n_vectors: int) -> np.ndarray:
         "Centre time (s) of vectors 0..n-1: (i·hop + receptive_field/2) / sr."
@@ -171,14 +167,10 @@ class AudioExtractor:
 @patch
 def _encode(self: AudioExtractor, x: torch.Tensor) -> torch.Tensor:
     "(B, L) equal-length chunks -> (B, n, D) float32. Never gets an attention mask (no padding exists)."
-    if self.precision_used == "int8" and len(x) > 1:   # one chunk per call: its scales depend on that chunk alone
-        return torch.cat([self._encode(x[i:i + 1]) for i in range(len(x))])
     if self.do_normalize:
         x = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + 1e-7)
     last = self.layer == self.num_layers
-    bf16 = self.precision_used == "bf16"
-    with torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-        out = self.model(x, output_hidden_states=not last)
+    out = self.model(x, output_hidden_states=not last)
     h = out.last_hidden_state if last else out.hidden_states[self.layer]
     return h.float()
 

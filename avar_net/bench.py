@@ -378,10 +378,12 @@ def bench_wave(seconds: float = 10.0, sr: int = 16000, seed: int = 0) -> np.ndar
 # %% ../nbs/13_bench.ipynb #cell-34
 def bench_mobilevit(repeats: int = 5, batch: int = 16, device: str = "cpu", roofline: dict | None = None,
                     backbone: str = "random", warmup: int = 1) -> dict:
-    "MobileViT-S: timm eager fp32 baseline vs `VideoExtractor(backbone, precision='auto')`, same weights, interleaved."
+    """MobileViT-S: timm eager fp32 baseline vs `accelerate_mobilevit(VideoExtractor(backbone), 'auto')`, same weights,
+    interleaved."""
     import torch, timm
     from avar_net.video import VideoExtractor, load_timm_mobilevit
-    ours = VideoExtractor(backbone, device=device, precision="auto", batch_size=batch)
+    from avar_net.fast_backbones import accelerate_mobilevit
+    ours = accelerate_mobilevit(VideoExtractor(backbone, device=device, batch_size=batch), "auto")
     # the same weights, loaded again before our extractor folds its batch norms into the convolutions
     src, arch, _, wid, _ = load_timm_mobilevit(backbone)
     if wid != ours.weights_id: raise AvarError(f"baseline weights {wid} differ from the extractor's {ours.weights_id}")
@@ -416,11 +418,13 @@ def _normalize_wave(x: np.ndarray) -> np.ndarray:
 
 def bench_wav2vec2(repeats: int = 5, seconds: float = 10.0, device: str = "cpu", roofline: dict | None = None,
                    backbone: str = "random", warmup: int = 1) -> dict:
-    "Wav2Vec2-base: transformers eager fp32 baseline vs `AudioExtractor(backbone, precision='auto')`, same weights."
+    """Wav2Vec2-base: transformers eager fp32 baseline vs `accelerate_wav2vec2(AudioExtractor(backbone), 'auto')`,
+    same weights."""
     import torch
     from transformers import Wav2Vec2Config, Wav2Vec2Model
     from avar_net.audio import AudioExtractor, load_wav2vec2
-    ours = AudioExtractor(backbone, device=device, precision="auto")
+    from avar_net.fast_backbones import accelerate_wav2vec2
+    ours = accelerate_wav2vec2(AudioExtractor(backbone, device=device), "auto")
     # the same weights, loaded again before our extractor bakes the weight norm and stores bf16 copies
     src, _, wid, _ = load_wav2vec2(backbone)
     if wid != ours.weights_id: raise AvarError(f"baseline weights {wid} differ from the extractor's {ours.weights_id}")

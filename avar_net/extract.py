@@ -59,10 +59,12 @@ def build_extractors(cfg: FeatureConfig) -> Extractors:
     "Instantiate `AudioExtractor` and `VideoExtractor` for `cfg` (raises `WeightsError` when weights are missing)."
     from avar_net.audio import AudioExtractor
     from avar_net.video import VideoExtractor
+    from avar_net.fast_backbones import accelerate_wav2vec2, accelerate_mobilevit
     dev = str(cfg.resolved_device())
-    a = AudioExtractor(cfg.audio_backbone, layer=cfg.audio_layer, device=dev, precision=cfg.precision)
-    v = VideoExtractor(cfg.video_backbone, backend=cfg.video_backend, device=dev, precision=cfg.precision,
-                       batch_size=cfg.batch_size)
+    # the reference models, each swapped for the CPU fast path that `cfg.precision` asks for ('fp32': kept as is)
+    a = accelerate_wav2vec2(AudioExtractor(cfg.audio_backbone, layer=cfg.audio_layer, device=dev), cfg.precision)
+    v = accelerate_mobilevit(VideoExtractor(cfg.video_backbone, backend=cfg.video_backend, device=dev,
+                                            batch_size=cfg.batch_size), cfg.precision)
     if a.sr != cfg.sr: raise ConfigError(f"the audio backbone expects {a.sr} Hz audio but sr={cfg.sr}")
     return Extractors(audio=a, video=v, size=int(cfg.size or getattr(v, "decode_size", None) or v.input_size))
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10a_fast_backbones.ipynb #cell-3
 from __future__ import annotations
-import math, copy, warnings
+import math, copy, warnings, contextlib
 from typing import Any, Callable, NamedTuple
 import numpy as np
 from .core import ConfigError, DataError, auto_device, cpu_flags
@@ -19,8 +19,9 @@ __all__ = ['PRECISIONS', 'INT8_MIN_COSINE', 'INT8_WEIGHT_MAX', 'INT8_SCHEME', 'I
            'bake_weight_norm', 'cast_matmul_weights', 'Int8Linear', 'calibrate_int8', 'linears_to_int8',
            'feature_agreement', 'int8_probe_wave', 'int8_check', 'FFTConv1d', 'FirstConvGemm', 'Int8WindowConv',
            'Wav2Vec2Int8Encoder', 'quantize_wav2vec2', 'FastBackbone', 'wav2vec2_int8', 'accelerate_wav2vec2',
-           'fold_batchnorm', 'MobileVitBlockNHWC', 'use_nhwc_unfold', 'mobilevit_probe_frames', 'quantize_mobilevit',
-           'mobilevit_int8', 'accelerate_mobilevit']
+           'FastWav2Vec2', 'install_wav2vec2', 'fold_batchnorm', 'MobileVitBlockNHWC', 'use_nhwc_unfold',
+           'mobilevit_probe_frames', 'quantize_mobilevit', 'mobilevit_int8', 'accelerate_mobilevit', 'FastMobileViT',
+           'install_mobilevit']
 
 # %% ../nbs/10a_fast_backbones.ipynb #cell-6
 def cpu_supports_bf16() -> bool:
@@ -402,16 +403,49 @@ def wav2vec2_int8(model: nn.Module, sr: int = 16000, do_normalize: bool = True, 
                   f"(< {INT8_MIN_COSINE}) to fp32 on the probe signal; running fp32 instead", stacklevel=4)
     return FastBackbone(model, "fp32", check)
 
-def accelerate_wav2vec2(model: nn.Module, precision: str = "auto", device="cpu", sr: int = 16000,
-                        do_normalize: bool = True, layer: int | None = None, name: str = "wav2vec2") -> FastBackbone:
-    "The CPU fast path of a frozen `Wav2Vec2Model` for `precision` (see `resolve_precision`); changes `model` in place."
+def accelerate_wav2vec2(model, precision: str = "auto", device="cpu", sr: int = 16000, do_normalize: bool = True,
+                        layer: int | None = None, name: str = "wav2vec2"):
+    """The CPU fast path for `precision` (see `resolve_precision`). Given an `AudioExtractor`: installs it there
+    (`install_wav2vec2`) and returns the extractor. Given a frozen `Wav2Vec2Model`: changes it in place and returns
+    a `FastBackbone`."""
+    if not isinstance(model, nn.Module): return install_wav2vec2(model, precision)
     prec = resolve_precision(precision, device, int8=True)
     if prec == "int8": return wav2vec2_int8(model, sr, do_normalize, layer, name)
-    if prec == "bf16":  # first conv + its (group) norm stay in fp32, see above
+    if prec == "bf16":  # the first conv layer and its group norm stay in fp32 (`Float32Island`)
         model.feature_extractor.conv_layers[0] = Float32Island(model.feature_extractor.conv_layers[0])
         bake_weight_norm(model)
         cast_matmul_weights(model, torch.bfloat16)
     return FastBackbone(model, prec)
+
+# %% ../nbs/10a_fast_backbones.ipynb #c69b869e
+def _cat_outputs(outs: list):
+    "One model output from the outputs of one-row calls: tensors, and tuples of tensors, concatenated on dim 0."
+    cat = lambda vs: torch.cat(vs) if torch.is_tensor(vs[0]) else tuple(torch.cat(t) for t in zip(*vs))
+    return type(outs[0])(**{k: cat([o[k] for o in outs]) for k in outs[0].keys()})
+
+class FastWav2Vec2(nn.Module):
+    """A swapped Wav2Vec2Model called like the reference one: under bf16 autocast on the bf16 path; one waveform per
+    call on the int8 path (its activation scales depend on it alone)."""
+    def __init__(self, model: nn.Module, precision_used: str):
+        super().__init__(); self.model, self.precision_used = model, precision_used
+    def forward(self, x: torch.Tensor, **kw):
+        if self.precision_used == "int8" and len(x) > 1:
+            return _cat_outputs([self(x[i:i + 1], **kw) for i in range(len(x))])
+        bf16 = self.precision_used == "bf16"
+        with torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+            return self.model(x, **kw)
+
+def install_wav2vec2(ex, precision: str = "auto"):
+    "Swap an `AudioExtractor`'s reference model for the fast path of `precision`; returns the extractor."
+    if ex.precision_used != "fp32" or ex.fast_path: raise ConfigError(f"{ex!r} already runs a fast path")
+    model, prec, check = accelerate_wav2vec2(ex.model.cpu(), precision, ex.device, sr=ex.sr,
+                                             do_normalize=ex.do_normalize, layer=ex.layer, name=ex.backbone)
+    ex.model = (model if prec == "fp32" else FastWav2Vec2(model, prec)).to(ex.device)
+    ex.precision_used = prec
+    ex.fast_path = {**({"int8_check": check} if check else {}),
+                    **({"int8_scheme": INT8_SCHEME} if prec == "int8" else {})}
+    if prec == "int8": ex.batch_size = 1     # one chunk per call: normalised and quantised on its own
+    return ex
 
 # %% ../nbs/10a_fast_backbones.ipynb #cell-50
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
@@ -530,10 +564,14 @@ def mobilevit_int8(model: nn.Module, preprocess: Callable, size: int, name: str 
                   f"(< {INT8_MIN_COSINE}) to fp32 on the check frames; running fp32 instead", stacklevel=4)
     return FastBackbone(model, "fp32", check)
 
-def accelerate_mobilevit(model: nn.Module, precision: str = "auto", device="cpu", timm: bool = True,
-                         preprocess: Callable | None = None, size: int = 256, name: str = "mobilevit") -> FastBackbone:
-    """The CPU fast path of a frozen MobileViT (timm, or transformers with `timm=False`) for `precision`;
-    `precision_used` is '<precision>+channels_last' on the fast path, 'fp32' for the eager reference."""
+def accelerate_mobilevit(model, precision: str = "auto", device="cpu", timm: bool = True,
+                         preprocess: Callable | None = None, size: int = 256, name: str = "mobilevit",
+                         stem_batch: int | None = None):
+    """The CPU fast path for `precision`; `precision_used` is '<precision>+channels_last' on the fast path, 'fp32' for
+    the eager reference. Given a `VideoExtractor`: installs it there (`install_mobilevit`, with `stem_batch`) and
+    returns the extractor. Given a frozen MobileViT (timm, or transformers with `timm=False`): changes it in place
+    and returns a `FastBackbone`."""
+    if not isinstance(model, nn.Module): return install_mobilevit(model, precision, stem_batch)
     prec = resolve_precision(precision, device, int8=timm)
     fast = precision != "fp32"  # fp32 asked explicitly = the plain eager baseline
     check = None
@@ -544,3 +582,41 @@ def accelerate_mobilevit(model: nn.Module, precision: str = "auto", device="cpu"
         if prec == "bf16": cast_matmul_weights(model, torch.bfloat16)  # what autocast would cast on every call
     if prec == "int8": model, prec, check = mobilevit_int8(model, preprocess, size, name)
     return FastBackbone(model, prec + ("+channels_last" if fast else ""), check)
+
+# %% ../nbs/10a_fast_backbones.ipynb #e78acd27
+class FastMobileViT(nn.Module):
+    """A swapped MobileViT called like the reference one: channels-last input, bf16 autocast, and timm's
+    high-resolution front in micro-batches of `stem_batch` frames (the same arithmetic)."""
+    def __init__(self, model: nn.Module, channels_last: bool, autocast: bool, stem_batch: int | None = None):
+        super().__init__()
+        self.model, self.channels_last, self.autocast, self.stem_batch = model, channels_last, autocast, stem_batch
+    def _timm(self, x: torch.Tensor) -> torch.Tensor:
+        m, sb = self.model, self.stem_batch
+        if not sb or len(x) <= sb: return m(x)
+        front = lambda b: m.stages[:2](m.stem(b))
+        h = torch.cat([front(x[i:i + sb]) for i in range(0, len(x), sb)])
+        return m.forward_head(m.final_conv(m.stages[2:](h)))
+    def forward(self, x: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None):
+        hf = x is None                                         # transformers: called with pixel_values=
+        x = pixel_values if hf else x
+        if self.channels_last: x = x.contiguous(memory_format=torch.channels_last)
+        ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        with ctx: return self.model(pixel_values=x) if hf else self._timm(x)
+
+def install_mobilevit(ex, precision: str = "auto", stem_batch: int | None = None):
+    "Swap a `VideoExtractor`'s reference model for the fast path of `precision`; returns the extractor."
+    if ex.precision_used != "fp32" or ex.fast_path: raise ConfigError(f"{ex!r} already runs a fast path")
+    if stem_batch is not None and int(stem_batch) < 0:
+        raise ConfigError(f"stem_batch must be None (auto), 0 (off) or >= 1, got {stem_batch!r}")
+    timm = ex.backend == "timm"
+    model, prec, check = accelerate_mobilevit(ex.model.cpu(), precision, ex.device, timm=timm,
+                                              preprocess=ex.preprocess, size=ex.decode_size, name=ex.backbone)
+    fast, bf16 = prec.endswith("+channels_last"), prec.startswith("bf16")
+    auto = 2 if (fast and not bf16 and ex.device.type == "cpu") else None
+    sb = (int(stem_batch) or None) if stem_batch is not None else auto
+    if sb and not (timm and all(hasattr(model, a) for a in ("stem", "stages", "final_conv"))): sb = None
+    ex.model = (FastMobileViT(model, fast, bf16, sb) if fast or sb else model).to(ex.device)
+    ex.precision_used = prec
+    ex.fast_path = {"stem_batch": sb, **({"int8_check": check} if check else {}),
+                    **({"int8_scheme": MOBILEVIT_INT8_SCHEME} if prec.startswith("int8") else {})}
+    return ex

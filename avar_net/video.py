@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_video.ipynb #cell-3
 from __future__ import annotations
-import json, math, contextlib
+import json, math
 from dataclasses import dataclass, asdict
 from pathlib import Path
 import numpy as np
@@ -12,7 +12,6 @@ from fastcore.basics import patch
 from .core import ConfigError, WeightsError, DataError, sha256_file, auto_device
 from .weights import (parse_weight_spec, fetch_hub_files, fetch_hint, pick_weight_file, load_state_file,
                               random_init, quiet_transformers)
-from .fast_backbones import accelerate_mobilevit, MOBILEVIT_INT8_SCHEME
 import torch
 from torch import nn
 import torchvision.transforms.v2.functional as TF
@@ -233,8 +232,7 @@ def load_hf_mobilevit(backbone: str = "mobilevit_s"):
 class VideoExtractor:
     """Frozen MobileViT: `features(frames)` -> (N, D) float32 pooled features of uint8 RGB frames (N, 3, H, W);
     `extract(frame_times, frames, grid)` -> (T, D), the frames of each step averaged."""
-    def __init__(self, backbone: str = "mobilevit_s", backend: str = "timm", device="cpu", precision: str = "auto",
-                 batch_size: int = 16, stem_batch: int | None = None):
+    def __init__(self, backbone: str = "mobilevit_s", backend: str = "timm", device="cpu", batch_size: int = 16):
         if backend not in BACKENDS: raise ConfigError(f"unknown video backend {backend!r}; expected one of {BACKENDS}")
         if int(batch_size) < 1: raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.backbone, self.backend, self.batch_size = str(backbone), backend, int(batch_size)
@@ -244,21 +242,9 @@ class VideoExtractor:
         self.dim = int(model.num_features if backend == "timm" else model.config.neck_hidden_sizes[-1])
         self.input_size = int(self.preprocess.input_size)
         self.decode_size = int(self.preprocess.resize or self.input_size)
-        # the reference model, swapped for the CPU fast path that `precision` asks for ('fp32': kept as it is)
-        model, self.precision_used, self.int8_check = accelerate_mobilevit(
-            model, precision, self.device, timm=backend == "timm", preprocess=self.preprocess, size=self.decode_size,
-            name=self.backbone)
-        self._fast = self.precision_used.endswith("+channels_last")   # any fast path: channels-last input
-        self._autocast = self.precision_used.startswith("bf16")
         self.model = model.to(self.device)
-        # frames per call through the stem and the first two stages (the 128 and 64 px ones), see above
-        if stem_batch is not None and int(stem_batch) < 0:
-            raise ConfigError(f"stem_batch must be None (auto), 0 (off) or >= 1, got {stem_batch!r}")
-        auto = 2 if (self._fast and not self._autocast and self.device.type == "cpu") else None
-        self.stem_batch = (int(stem_batch) or None) if stem_batch is not None else auto
-        split = backend == "timm" and all(hasattr(model, a) for a in ("stem", "stages", "final_conv"))
-        if self.stem_batch and not split:
-            self.stem_batch = None                                # only timm's ByobNet layout is split
+        # the reference runs in fp32; `fast_backbones.accelerate_mobilevit` swaps in a fast path and records it here
+        self.precision_used, self.fast_path = "fp32", {}
 
     def __repr__(self):
         return (f"VideoExtractor({self.backbone!r}, backend={self.backend!r}, arch={self.arch!r}, dim={self.dim}, "
@@ -269,26 +255,13 @@ class VideoExtractor:
         "Everything that determines the features (for manifests and cache keys)."
         return dict(backbone=self.backbone, backend=self.backend, arch=self.arch, weights_id=self.weights_id,
                     dim=self.dim, input_size=self.input_size, decode_size=self.decode_size,
-                    preprocess=asdict(self.preprocess), precision_used=self.precision_used, stem_batch=self.stem_batch,
-                    **({"int8_check": self.int8_check} if self.int8_check else {}),
-                    **({"int8_scheme": MOBILEVIT_INT8_SCHEME} if self.precision_used.startswith("int8") else {}))
+                    preprocess=asdict(self.preprocess), precision_used=self.precision_used, **self.fast_path)
 
 # %% ../nbs/04_video.ipynb #cell-22
 @patch
-def _timm(self: VideoExtractor, x: torch.Tensor) -> torch.Tensor:
-    "timm MobileViT, pooled; the high-resolution front in micro-batches of `stem_batch` frames (same arithmetic)."
-    m, sb = self.model, self.stem_batch
-    if not sb or len(x) <= sb: return m(x)
-    front = lambda b: m.stages[:2](m.stem(b))
-    h = torch.cat([front(x[i:i + sb]) for i in range(0, len(x), sb)])
-    return m.forward_head(m.final_conv(m.stages[2:](h)))
-
-@patch
 def _forward(self: VideoExtractor, x: torch.Tensor) -> torch.Tensor:
-    if self._fast: x = x.contiguous(memory_format=torch.channels_last)
-    ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self._autocast else contextlib.nullcontext()
-    with ctx:
-        y = self._timm(x) if self.backend == "timm" else self.model(pixel_values=x).pooler_output
+    "Preprocessed frames (N, 3, S, S) -> pooled features (N, D) float32, from either backend."
+    y = self.model(x) if self.backend == "timm" else self.model(pixel_values=x).pooler_output
     return y.float()
 
 @patch

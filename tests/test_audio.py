@@ -51,10 +51,10 @@ def no_network(monkeypatch):
 def test_random_weights_reproducible_and_rng_untouched():
     torch.manual_seed(123); expect = torch.rand(3)
     torch.manual_seed(123)
-    a = AudioExtractor("random-tiny:3", precision="fp32")
+    a = AudioExtractor("random-tiny:3")
     assert torch.equal(torch.rand(3), expect)  # building the model did not consume the caller's RNG
-    b = AudioExtractor("random-tiny:3", precision="fp32")
-    c = AudioExtractor("random-tiny:4", precision="fp32")
+    b = AudioExtractor("random-tiny:3")
+    c = AudioExtractor("random-tiny:4")
     w = noise(1.0)
     fa, fb, fc = a.features(w)[1], b.features(w)[1], c.features(w)[1]
     np.testing.assert_array_equal(fa, fb)
@@ -68,14 +68,14 @@ def test_local_folder_round_trip(tmp_path, safe, no_network):
     d = save_w2v(tmp_path / "w2v", seed=0, safe=safe)
     wfile = d / ("model.safetensors" if safe else "pytorch_model.bin")
     assert wfile.exists()
-    loc = AudioExtractor(str(d), precision="fp32")
+    loc = AudioExtractor(str(d))
     assert loc.weights_id == f"{d.resolve()}@sha256:{sha256_file(wfile)}"
     assert loc.weights_sha256 == sha256_file(wfile)
-    ref = AudioExtractor("random-tiny:0", precision="fp32")  # the same architecture and seed
+    ref = AudioExtractor("random-tiny:0")  # the same architecture and seed
     w = noise(1.5)
     np.testing.assert_allclose(loc.features(w)[1], ref.features(w)[1], atol=1e-5)
     # a path to the weight file inside the folder works too
-    assert AudioExtractor(str(wfile), precision="fp32").weights_id.endswith(sha256_file(wfile))
+    assert AudioExtractor(str(wfile)).weights_id.endswith(sha256_file(wfile))
 
 
 def test_ctc_checkpoint_loads_into_bare_model(tmp_path):
@@ -133,10 +133,10 @@ def test_hub_id_from_local_cache(tmp_path, monkeypatch, no_network):
     (cache / "models--acme--w2v-tiny" / "refs" / "main").write_text("a" * 40)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
-    ex = AudioExtractor("acme/w2v-tiny", precision="fp32")
+    ex = AudioExtractor("acme/w2v-tiny")
     assert ex.weights_id == f"acme/w2v-tiny@sha256:{sha256_file(snap / 'model.safetensors')}"
     w = noise(1.0)
-    ref = AudioExtractor("random-tiny:2", precision="fp32")
+    ref = AudioExtractor("random-tiny:2")
     np.testing.assert_allclose(ex.features(w)[1], ref.features(w)[1], atol=1e-5)
 
 
@@ -151,7 +151,7 @@ def test_tiny_shapes_and_times():
 
 
 def test_full_size_random_dims():
-    ex = AudioExtractor("random", precision="fp32")
+    ex = AudioExtractor("random")
     t, f = ex.features(noise(1.0))
     assert f.shape == (49, 768) and ex.dim == 768 and ex.num_layers == 12 and ex.group_norm
     assert ex.weights_id == "random:0"
@@ -159,7 +159,7 @@ def test_full_size_random_dims():
 
 def test_vector_times_match_the_conv_stack(local_model_dir):
     "An impulse at time p changes exactly the conv vectors whose window holds p, and their centres surround p."
-    ex = AudioExtractor(str(local_model_dir), precision="fp32")
+    ex = AudioExtractor(str(local_model_dir))
     n = 2 * SR
     for p in (1234, 16000, 27777):
         x = np.zeros(n, np.float32); y = x.copy(); y[p] = 1.0
@@ -177,8 +177,8 @@ def test_vector_times_match_the_conv_stack(local_model_dir):
 @pytest.mark.parametrize("seconds", [2.49, 7.3])
 def test_chunked_equals_unchunked_exactly_for_a_local_model(local_model_dir, seconds):
     w = noise(seconds, seed=3)
-    full = AudioExtractor(str(local_model_dir), layer=0, precision="fp32", chunk_s=60)
-    ch = AudioExtractor(str(local_model_dir), layer=0, precision="fp32", chunk_s=2.5, overlap_s=1.0)
+    full = AudioExtractor(str(local_model_dir), layer=0, chunk_s=60)
+    ch = AudioExtractor(str(local_model_dir), layer=0, chunk_s=2.5, overlap_s=1.0)
     ta, a = full.features(w); tb, b = ch.features(w)
     np.testing.assert_array_equal(ta, tb)
     np.testing.assert_allclose(a, b, atol=1e-4)
@@ -187,8 +187,8 @@ def test_chunked_equals_unchunked_exactly_for_a_local_model(local_model_dir, sec
 def test_chunked_close_to_unchunked_for_group_norm():
     "With a group-norm model each chunk is normalised on its own; on a stationary signal the vectors still agree."
     w = noise(9.0, seed=4)
-    ta, a = AudioExtractor("random-tiny", precision="fp32", chunk_s=60).features(w)
-    tb, b = AudioExtractor("random-tiny", precision="fp32", chunk_s=3.0, overlap_s=1.0).features(w)
+    ta, a = AudioExtractor("random-tiny", chunk_s=60).features(w)
+    tb, b = AudioExtractor("random-tiny", chunk_s=3.0, overlap_s=1.0).features(w)
     np.testing.assert_array_equal(ta, tb)
     assert cosine(a, b).min() > 0.98
 
@@ -219,7 +219,7 @@ def test_long_audio_bounded_chunks(monkeypatch):
 
 
 def test_no_attention_mask_and_equal_length_batches(monkeypatch):
-    ex = AudioExtractor("random-tiny", precision="fp32", chunk_s=2.0, overlap_s=0.5, batch_size=4)
+    ex = AudioExtractor("random-tiny", chunk_s=2.0, overlap_s=0.5, batch_size=4)
     assert ex.group_norm
     calls = []
     orig = ex.model.forward
@@ -231,7 +231,7 @@ def test_no_attention_mask_and_equal_length_batches(monkeypatch):
     for a, k in calls:
         assert k.get("attention_mask") is None and len(a) == 1  # only the waveform, never a mask
     assert any(a[0].shape[0] > 1 for a, _ in calls)            # equal-length chunks ran together
-    one = AudioExtractor("random-tiny", precision="fp32", chunk_s=2.0, overlap_s=0.5, batch_size=1)
+    one = AudioExtractor("random-tiny", chunk_s=2.0, overlap_s=0.5, batch_size=1)
     np.testing.assert_allclose(batched, one.features(w)[1], atol=1e-5)
 
 
@@ -248,7 +248,7 @@ def _model_inputs(ex, monkeypatch):
 
 def test_normalisation_follows_the_checkpoint_config(tmp_path, monkeypatch):
     w = 3 * noise(2.0, seed=5) + 0.3
-    ex = AudioExtractor("random-tiny", precision="fp32")
+    ex = AudioExtractor("random-tiny")
     assert ex.do_normalize  # Wav2Vec2FeatureExtractor(do_normalize=True): zero mean, unit variance per input
     seen = _model_inputs(ex, monkeypatch)
     ex.features(w)
@@ -256,7 +256,7 @@ def test_normalisation_follows_the_checkpoint_config(tmp_path, monkeypatch):
     assert abs(x.mean().item()) < 1e-5 and abs(x.std(unbiased=False).item() - 1) < 1e-4
     expect = (w - w.mean()) / np.sqrt(w.var() + 1e-7)
     np.testing.assert_allclose(x.numpy(), expect, atol=1e-4)
-    raw = AudioExtractor(str(save_w2v(tmp_path / "raw", do_normalize=False)), precision="fp32")
+    raw = AudioExtractor(str(save_w2v(tmp_path / "raw", do_normalize=False)))
     assert not raw.do_normalize
     seen = _model_inputs(raw, monkeypatch)
     raw.features(w)
@@ -265,9 +265,9 @@ def test_normalisation_follows_the_checkpoint_config(tmp_path, monkeypatch):
 
 def test_layer_choice():
     w = noise(1.0)
-    last = AudioExtractor("random-tiny", precision="fp32").features(w)[1]
-    np.testing.assert_array_equal(AudioExtractor("random-tiny", layer=2, precision="fp32").features(w)[1], last)
-    first = AudioExtractor("random-tiny", layer=0, precision="fp32").features(w)[1]
+    last = AudioExtractor("random-tiny").features(w)[1]
+    np.testing.assert_array_equal(AudioExtractor("random-tiny", layer=2).features(w)[1], last)
+    first = AudioExtractor("random-tiny", layer=0).features(w)[1]
     assert np.abs(first - last).max() > 1e-2
     with pytest.raises(ConfigError, match="out of range"): AudioExtractor("random-tiny", layer=3)
     with pytest.raises(ConfigError): AudioExtractor("random-tiny", chunk_s=1.0, overlap_s=1.0)

@@ -43,19 +43,19 @@ def test_wav2vec2_precision_auto_falls_back_without_bf16(monkeypatch):
     monkeypatch.setattr(fb, "cpu_supports_bf16", lambda: False)
     monkeypatch.setattr(fb, "int8_supported", lambda: False)
     assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("auto", "cpu", int8=True) == "fp32"
-    ex = AudioExtractor("random-tiny", precision="auto")
+    ex = fb.accelerate_wav2vec2(AudioExtractor("random-tiny"), "auto")
     assert ex.precision_used == "fp32"
     assert not isinstance(ex.model.feature_extractor.conv_layers[0], Float32Island)
 
 
 def test_wav2vec2_precision_bf16_path(monkeypatch):
     monkeypatch.setattr(fb, "cpu_supports_bf16", lambda: True)
-    fast = AudioExtractor("random-tiny", precision="auto")
+    fast = fb.accelerate_wav2vec2(AudioExtractor("random-tiny"), "auto")
     assert fast.precision_used == "bf16"
-    assert isinstance(fast.model.feature_extractor.conv_layers[0], Float32Island)  # first conv + group norm in fp32
+    assert isinstance(fast.model.model.feature_extractor.conv_layers[0], Float32Island)  # first conv + norm in fp32
     w = noise(3.0)
     tf, f = fast.features(w)
-    tr, r = AudioExtractor("random-tiny", precision="fp32").features(w)
+    tr, r = AudioExtractor("random-tiny").features(w)
     np.testing.assert_array_equal(tf, tr)
     assert f.dtype == np.float32 and cosine(f, r).min() > 0.99
     with pytest.raises(ConfigError): resolve_precision("half")
@@ -72,11 +72,12 @@ def test_cpu_capability_check_reads_flags(monkeypatch):
 
 def test_wav2vec2_bf16_weights_stored_once_are_bit_identical_to_autocast(monkeypatch):
     monkeypatch.setattr(fb, "cpu_supports_bf16", lambda: True)
-    fast = AudioExtractor("random-tiny", precision="auto")
-    assert fast.model.encoder.layers[0].attention.q_proj.weight.dtype == torch.bfloat16
-    assert fast.model.encoder.layer_norm.weight.dtype == torch.float32  # norms stay fp32
-    assert fast.model.feature_extractor.conv_layers[0].module.conv.weight.dtype == torch.float32  # the fp32 island
-    plain = AudioExtractor("random-tiny", precision="auto")
+    fast = fb.accelerate_wav2vec2(AudioExtractor("random-tiny"), "auto")
+    w2v = fast.model.model                                          # inside the FastWav2Vec2 wrapper
+    assert w2v.encoder.layers[0].attention.q_proj.weight.dtype == torch.bfloat16
+    assert w2v.encoder.layer_norm.weight.dtype == torch.float32  # norms stay fp32
+    assert w2v.feature_extractor.conv_layers[0].module.conv.weight.dtype == torch.float32  # the fp32 island
+    plain = fb.accelerate_wav2vec2(AudioExtractor("random-tiny"), "auto")
     plain.model.float()
     w = noise(2.0)
     np.testing.assert_array_equal(fast.features(w)[1], plain.features(w)[1])
@@ -98,7 +99,7 @@ def test_resolve_precision_int8(monkeypatch):
 @needs_int8
 def test_wav2vec2_int8_extractor_agrees_with_fp32(monkeypatch):
     monkeypatch.setattr(fb, "cpu_supports_bf16", lambda: False)
-    ex = AudioExtractor("random-tiny", precision="auto")
+    ex = fb.accelerate_wav2vec2(AudioExtractor("random-tiny"), "auto")
     assert ex.precision_used == "int8"
     chk = ex.describe()["int8_check"]
     assert chk["cosine_min"] >= fb.INT8_MIN_COSINE and chk["linears"] == 13 and chk["gelu_fused"] == 2
@@ -106,7 +107,7 @@ def test_wav2vec2_int8_extractor_agrees_with_fp32(monkeypatch):
     assert not any(type(m) in (torch.nn.Linear, torch.nn.Conv1d) for m in ex.model.modules())
     w = noise(5.0)
     t8, f8 = ex.features(w)
-    t32, f32 = AudioExtractor("random-tiny", precision="fp32").features(w)
+    t32, f32 = AudioExtractor("random-tiny").features(w)
     np.testing.assert_array_equal(t8, t32)
     assert f8.dtype == np.float32 and cosine(f8, f32).min() > 0.99
     assert 0 < np.abs(f8 - f32).max()                                # really a different (int8) computation
@@ -116,10 +117,10 @@ def test_wav2vec2_int8_extractor_agrees_with_fp32(monkeypatch):
 def test_wav2vec2_int8_rejected_by_probe_runs_fp32(monkeypatch):
     monkeypatch.setattr(fb, "INT8_MIN_COSINE", 1.01)                 # no int8 model can pass: the fallback must run
     with pytest.warns(UserWarning, match="running fp32 instead"):
-        ex = AudioExtractor("random-tiny", precision="int8")
+        ex = fb.accelerate_wav2vec2(AudioExtractor("random-tiny"), "int8")
     assert ex.precision_used == "fp32" and ex.describe()["int8_check"]["cosine_min"] < 1.01
     w = noise(3.0)
-    np.testing.assert_array_equal(ex.features(w)[1], AudioExtractor("random-tiny", precision="fp32").features(w)[1])
+    np.testing.assert_array_equal(ex.features(w)[1], AudioExtractor("random-tiny").features(w)[1])
 
 
 @needs_int8
@@ -147,8 +148,9 @@ def test_wav2vec2_int8_check_catches_a_broken_model():
 @needs_int8
 def test_wav2vec2_int8_batched_chunks_equal_one_by_one_and_guards():
     w = noise(7.0)
-    _, one = AudioExtractor("random-tiny", precision="int8", chunk_s=2.0, overlap_s=1.0, batch_size=1).features(w)
-    ex4 = AudioExtractor("random-tiny", precision="int8", chunk_s=2.0, overlap_s=1.0, batch_size=4)
+    one_ex = fb.accelerate_wav2vec2(AudioExtractor("random-tiny", chunk_s=2.0, overlap_s=1.0, batch_size=1), "int8")
+    _, one = one_ex.features(w)
+    ex4 = fb.accelerate_wav2vec2(AudioExtractor("random-tiny", chunk_s=2.0, overlap_s=1.0, batch_size=4), "int8")
     _, four = ex4.features(w)
     np.testing.assert_array_equal(one, four)                         # a chunk's features never depend on its neighbours
     assert ex4.describe()["int8_scheme"] == fb.INT8_SCHEME
@@ -235,8 +237,8 @@ def test_wav2vec2_int8_encoder_agrees_with_fp32_encoder():
 
 @needs_int8
 def test_wav2vec2_int8_check_uses_the_extracted_layer():
-    ex = AudioExtractor("random-tiny", precision="int8", layer=1)
-    assert ex.int8_check["layer"] == 1 and ex.int8_check["vectors"] == 99
+    ex = fb.accelerate_wav2vec2(AudioExtractor("random-tiny", layer=1), "int8")
+    assert ex.describe()["int8_check"]["layer"] == 1 and ex.describe()["int8_check"]["vectors"] == 99
 
 
 # ---------------------------------------------------------------- MobileViT: folded norms, channels-last, bf16, int8
@@ -267,8 +269,8 @@ def test_fold_batchnorm_is_exact():
 @pytest.mark.parametrize("backend", ["timm", "transformers"])
 def test_mobilevit_fast_path_agrees_with_fp32(monkeypatch, backend):
     monkeypatch.setattr(fb, "cpu_supports_bf16", lambda: True)
-    fast = VideoExtractor("random-tiny", backend=backend, precision="auto")
-    ref = VideoExtractor("random-tiny", backend=backend, precision="fp32")
+    fast = fb.accelerate_mobilevit(VideoExtractor("random-tiny", backend=backend), "auto")
+    ref = VideoExtractor("random-tiny", backend=backend)
     assert (fast.precision_used, ref.precision_used) == ("bf16+channels_last", "fp32")
     fr = frames(6)
     a, b = fast.features(fr), ref.features(fr)
@@ -278,20 +280,20 @@ def test_mobilevit_fast_path_agrees_with_fp32(monkeypatch, backend):
 def test_mobilevit_precision_falls_back_without_bf16(monkeypatch):
     monkeypatch.setattr(fb, "cpu_supports_bf16", lambda: False)
     monkeypatch.setattr(fb, "int8_supported", lambda: False)   # neither bf16 nor int8 kernels: the fp32 fast path
-    vx = VideoExtractor("random-tiny", precision="auto")
+    vx = fb.accelerate_mobilevit(VideoExtractor("random-tiny"), "auto")
     assert vx.precision_used == "fp32+channels_last"  # fp32 maths, folded BN + channels-last layout
     assert "int8_check" not in vx.describe() and "int8_scheme" not in vx.describe()
-    ref = VideoExtractor("random-tiny", precision="fp32")
+    ref = VideoExtractor("random-tiny")
     fr = frames(3)
     np.testing.assert_allclose(vx.features(fr), ref.features(fr), atol=1e-4)
     # an explicit choice is honoured
-    assert VideoExtractor("random-tiny", precision="bf16").precision_used == "bf16+channels_last"
+    assert fb.accelerate_mobilevit(VideoExtractor("random-tiny"), "bf16").precision_used == "bf16+channels_last"
 
 
 def test_mobilevit_nhwc_unfold_is_exact(monkeypatch):
     monkeypatch.setattr(fb, "cpu_supports_bf16", lambda: False)
     monkeypatch.setattr(fb, "int8_supported", lambda: False)
-    vx = VideoExtractor("random-tiny", precision="auto")
+    vx = fb.accelerate_mobilevit(VideoExtractor("random-tiny"), "auto")
     blocks = [m for m in vx.model.modules() if isinstance(m, MobileVitBlockNHWC)]
     assert len(blocks) == 3                                      # the fast path uses the channels-last unfold/fold
     fr = frames(5)
@@ -303,7 +305,7 @@ def test_mobilevit_nhwc_unfold_is_exact(monkeypatch):
 @needs_int8
 def test_mobilevit_int8_path_agrees_with_fp32_and_ignores_batch(monkeypatch):
     monkeypatch.setattr(fb, "cpu_supports_bf16", lambda: False)
-    vx = VideoExtractor("random-tiny", precision="auto", batch_size=8)
+    vx = fb.accelerate_mobilevit(VideoExtractor("random-tiny", batch_size=8), "auto")
     assert vx.precision_used == "int8+channels_last"
     d = vx.describe()
     assert d["int8_check"]["cosine_min"] >= fb.INT8_MIN_COSINE and d["int8_check"]["linears"] == 36
@@ -313,20 +315,20 @@ def test_mobilevit_int8_path_agrees_with_fp32_and_ignores_batch(monkeypatch):
     fr = frames(8)
     fr[3] = fr[3] // 12                                          # one dark frame among bright ones
     f8 = vx.features(fr)
-    f32 = VideoExtractor("random-tiny", precision="fp32").features(fr)
+    f32 = VideoExtractor("random-tiny").features(fr)
     assert cosine(f8, f32).min() > 0.99 and np.abs(f8 - f32).max() > 0   # close to fp32, but really int8
     alone = vx.features(fr[3:4])                                 # a frame's features do not depend on its batch
     np.testing.assert_allclose(alone, f8[3:4], atol=1e-4)
     vx.batch_size = 3
     np.testing.assert_allclose(vx.features(fr), f8, atol=1e-4)
     # the transformers backend has no int8 path: the fp32 fast path runs
-    hx = VideoExtractor("random-tiny", backend="transformers", precision="auto")
+    hx = fb.accelerate_mobilevit(VideoExtractor("random-tiny", backend="transformers"), "auto")
     assert hx.precision_used == "fp32+channels_last"
 
 
 @needs_int8
 def test_mobilevit_int8_is_not_claimed_without_transformer_blocks():
-    vx = VideoExtractor("random-tiny", precision="int8")
+    vx = fb.accelerate_mobilevit(VideoExtractor("random-tiny"), "int8")
     # a timm model of another kind
     other = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
     m, prec, chk = fb.mobilevit_int8(other, vx.preprocess, vx.decode_size)
@@ -337,20 +339,20 @@ def test_mobilevit_int8_is_not_claimed_without_transformer_blocks():
 def test_mobilevit_int8_rejected_by_check_runs_fp32(monkeypatch):
     monkeypatch.setattr(fb, "INT8_MIN_COSINE", 1.01)             # no int8 model can pass: the fallback must run
     with pytest.warns(UserWarning, match="running fp32 instead"):
-        vx = VideoExtractor("random-tiny", precision="int8")
+        vx = fb.accelerate_mobilevit(VideoExtractor("random-tiny"), "int8")
     assert vx.precision_used == "fp32+channels_last" and vx.describe()["int8_check"]["cosine_min"] < 1.01
     assert "int8_scheme" not in vx.describe()
     assert not any(isinstance(m, fb.Int8Linear) for m in vx.model.modules())
     fr = frames(3)
-    ref = VideoExtractor("random-tiny", precision="fp32").features(fr)
+    ref = VideoExtractor("random-tiny").features(fr)
     np.testing.assert_allclose(vx.features(fr), ref, atol=1e-4)
 
 
 def test_mobilevit_bf16_weights_stored_once_are_bit_identical_to_autocast(monkeypatch):
     monkeypatch.setattr(fb, "cpu_supports_bf16", lambda: True)
-    fast = VideoExtractor("random-tiny", precision="auto")
-    assert fast.model.stem.conv.weight.dtype == torch.bfloat16
-    plain = VideoExtractor("random-tiny", precision="auto")
+    fast = fb.accelerate_mobilevit(VideoExtractor("random-tiny"), "auto")
+    assert fast.model.model.stem.conv.weight.dtype == torch.bfloat16
+    plain = fb.accelerate_mobilevit(VideoExtractor("random-tiny"), "auto")
     plain.model.float()  # fp32 weights again: autocast casts them on every call
     fr = frames(3)
     np.testing.assert_array_equal(fast.features(fr), plain.features(fr))

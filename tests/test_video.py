@@ -62,14 +62,14 @@ def test_tiny_shapes():
 
 
 def test_full_size_random_dims_and_cfg():
-    vx = VideoExtractor("random", precision="fp32")
+    vx = VideoExtractor("random")
     assert (vx.dim, vx.input_size, vx.decode_size, vx.arch) == (640, 256, 284, "mobilevit_s")
     assert vx.preprocess == Preprocess(256, 284, "bicubic", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 1 / 255, False)
     assert vx.features(frames(2, 256)).shape == (2, 640)
 
 
 def test_full_size_transformers_backend_dims():
-    vx = VideoExtractor("random", backend="transformers", precision="fp32")
+    vx = VideoExtractor("random", backend="transformers")
     assert (vx.dim, vx.input_size, vx.preprocess.bgr, vx.preprocess.resize) == (640, 256, True, 288)
     f = vx.features(frames(2, 256))
     assert f.shape == (2, 640) and np.abs(f).mean() > 1e-2  # a live random network, not ~1e-40 noise
@@ -79,7 +79,7 @@ def test_preprocessing_matches_timm_eval_transform():
     "Our tensor pipeline gives the features of timm's own (PIL) eval transform built from the same pretrained cfg."
     import timm
     from PIL import Image
-    vx = VideoExtractor("random-tiny", precision="fp32")
+    vx = VideoExtractor("random-tiny")
     cfg = timm.data.resolve_data_config({}, model=vx.model)
     tf = timm.data.create_transform(**cfg)
     fr = frames(3, 96)
@@ -114,10 +114,10 @@ def test_bad_frames():
 def test_random_seeds_reproducible():
     torch.manual_seed(7); expect = torch.rand(2)
     torch.manual_seed(7)
-    a = VideoExtractor("random-tiny:3", precision="fp32")
+    a = VideoExtractor("random-tiny:3")
     assert torch.equal(torch.rand(2), expect)
-    b = VideoExtractor("random-tiny:3", precision="fp32")
-    c = VideoExtractor("random-tiny:4", precision="fp32")
+    b = VideoExtractor("random-tiny:3")
+    c = VideoExtractor("random-tiny:4")
     fr = frames(3)
     np.testing.assert_array_equal(a.features(fr), b.features(fr))
     np.testing.assert_array_equal(a.features(fr), a.features(fr))  # deterministic inference
@@ -130,7 +130,7 @@ def test_timm_local_round_trip(tmp_path, no_network):
     from timm.models import save_for_hf
     model = random_init(lambda: timm.create_model("mobilevit_xxs", pretrained=False), 5).eval()
     save_for_hf(model, tmp_path / "m", safe_serialization=True)
-    vx = VideoExtractor(str(tmp_path / "m"), precision="fp32")
+    vx = VideoExtractor(str(tmp_path / "m"))
     wfile = tmp_path / "m" / "model.safetensors"
     assert vx.weights_id == f"{(tmp_path / 'm').resolve()}@sha256:{sha256_file(wfile)}"
     assert (vx.arch, vx.dim, vx.input_size) == ("mobilevit_xxs", 320, 256)
@@ -139,10 +139,10 @@ def test_timm_local_round_trip(tmp_path, no_network):
     with torch.inference_mode(): want = model(vx.preprocess(fr)).numpy()
     np.testing.assert_allclose(vx.features(fr), want, atol=1e-5)
     # the bare weight file (architecture recognised from its shapes), and a legacy .bin read with weights_only
-    np.testing.assert_allclose(VideoExtractor(str(wfile), precision="fp32").features(fr), want, atol=1e-5)
+    np.testing.assert_allclose(VideoExtractor(str(wfile)).features(fr), want, atol=1e-5)
     (tmp_path / "b").mkdir()
     torch.save(model.state_dict(), tmp_path / "b" / "pytorch_model.bin")
-    vb = VideoExtractor(str(tmp_path / "b"), precision="fp32")
+    vb = VideoExtractor(str(tmp_path / "b"))
     assert vb.weights_id.endswith(sha256_file(tmp_path / "b" / "pytorch_model.bin"))
     np.testing.assert_allclose(vb.features(fr), want, atol=1e-5)
 
@@ -191,9 +191,9 @@ def test_timm_hub_name_from_local_cache(tmp_path, monkeypatch, no_network):
     save_for_hf(model, snap, safe_serialization=True)
     (repo / "refs").mkdir(); (repo / "refs" / "main").write_text("b" * 40)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1"); monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
-    vx = VideoExtractor("mobilevit_xxs", precision="fp32")
+    vx = VideoExtractor("mobilevit_xxs")
     assert vx.weights_id == f"mobilevit_xxs@sha256:{sha256_file(snap / 'model.safetensors')}"
-    assert VideoExtractor("hf-hub:timm/mobilevit_xxs.cvnets_in1k", precision="fp32").arch == "mobilevit_xxs"
+    assert VideoExtractor("hf-hub:timm/mobilevit_xxs.cvnets_in1k").arch == "mobilevit_xxs"
 
 
 # ---------------------------------------------------------------- transformers backend: BGR
@@ -201,7 +201,7 @@ def test_timm_hub_name_from_local_cache(tmp_path, monkeypatch, no_network):
 @pytest.mark.parametrize("flip", [True, False])
 def test_transformers_backend_matches_its_image_processor(tmp_path, flip):
     model, proc = save_hf_mobilevit(tmp_path, flip=flip, size=72)
-    vx = VideoExtractor(str(tmp_path), backend="transformers", precision="fp32")
+    vx = VideoExtractor(str(tmp_path), backend="transformers")
     assert vx.preprocess.bgr is flip and (vx.input_size, vx.decode_size) == (64, 72)
     fr = frames(3, 72)  # at decode size: resize is a no-op in both pipelines, so the comparison is exact
     pix = proc(images=[f.permute(1, 2, 0).numpy() for f in fr], return_tensors="pt")["pixel_values"]
@@ -218,7 +218,7 @@ def test_transformers_backend_matches_its_image_processor(tmp_path, flip):
 
 def test_transformers_backend_resize_close_to_processor(tmp_path):
     model, proc = save_hf_mobilevit(tmp_path, size=72)
-    vx = VideoExtractor(str(tmp_path), backend="transformers", precision="fp32")
+    vx = VideoExtractor(str(tmp_path), backend="transformers")
     fr = frames(3, 100)
     pix = proc(images=[f.permute(1, 2, 0).numpy() for f in fr], return_tensors="pt")["pixel_values"]
     with torch.inference_mode(): want = model(pixel_values=pix).pooler_output.numpy()
@@ -236,8 +236,8 @@ def test_transformers_local_missing_files(tmp_path):
 
 def test_batching_does_not_change_features():
     fr = frames(7)
-    a = VideoExtractor("random-tiny", precision="fp32", batch_size=1).features(fr)
-    b = VideoExtractor("random-tiny", precision="fp32", batch_size=4).features(fr)
+    a = VideoExtractor("random-tiny", batch_size=1).features(fr)
+    b = VideoExtractor("random-tiny", batch_size=4).features(fr)
     np.testing.assert_allclose(a, b, atol=1e-5)
     with pytest.raises(ConfigError): VideoExtractor("random-tiny", batch_size=0)
 

@@ -95,7 +95,8 @@ def analyse(predictor, path, limits: AppLimits, name: str | None = None, on_prob
 def make_examples(folder) -> dict[str, Path]:
     """The bundled examples, made on first use in `folder` (a few MB, no download): SynthAVAR clips of four classes
     (6 s each) and the violent and the normal test video of a tiny SynthXD (10 s each)."""
-    from avar_net.synth import render_clip, write_mp4, generate_synthxd
+    from avar_net.synth import write_mp4, generate_synthxd
+    from avar_net.synthclip import render_clip
     folder, out = Path(folder), {}
     for c in ("Explosion", "Police siren", "Brawling", "Normal"):
         p = folder / "synthavar" / f"{c.lower().replace(' ', '_')}.mp4"

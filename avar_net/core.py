@@ -12,8 +12,9 @@ import numpy as np
 # %% auto #0
 __all__ = ['VAAR_CLASSES', 'STYLE', 'AvarError', 'ConfigError', 'WeightsError', 'DataError', 'DecodeError', 'in_test',
            'project_root', 'project_path', 'atomic_write', 'atomic_write_bytes', 'atomic_write_text',
-           'atomic_write_json', 'sha256_file', 'sha256_bytes', 'json_safe', 'seed_everything', 'auto_device',
-           'hf_offline', 'git_commit', 'cpu_flags', 'parse_shard', 'set_style', 'save_figure', 'save_table']
+           'atomic_write_json', 'json_default', 'sha256_file', 'sha256_bytes', 'json_safe', 'seed_everything',
+           'auto_device', 'hf_offline', 'git_commit', 'cpu_flags', 'parse_shard', 'torchrun_env', 'set_style',
+           'save_figure', 'save_table']
 
 # %% ../nbs/00_core.ipynb #cell-6
 VAAR_CLASSES: list[str] = ["Abuse", "Baby cry", "Crash", "Brawling", "Explosion",
@@ -95,9 +96,10 @@ def atomic_write_text(path, text: str) -> Path:
 
 def atomic_write_json(path, obj, indent: int = 2) -> Path:
     "Write `obj` as JSON (sorted keys, so equal objects give equal bytes)."
-    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True, default=_json_default) + "\n")
+    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True, default=json_default) + "\n")
 
-def _json_default(o):
+def json_default(o):
+    "The `default` of `json.dumps` for records: Paths as strings, numpy scalars and arrays as Python values."
     if isinstance(o, Path): return str(o)
     if isinstance(o, np.generic): return o.item()
     if isinstance(o, np.ndarray): return o.tolist()
@@ -170,6 +172,15 @@ def parse_shard(shard) -> tuple[int, int]:
     if not (n >= 1 and 0 <= i < n): raise ConfigError(f"shard must satisfy 0 <= i < n, got {i}/{n}")
     return i, n
 
+def torchrun_env() -> tuple[int, int, int | None]:
+    """`(rank, world, local_rank)` of this process from `torchrun`'s `RANK`, `WORLD_SIZE` and `LOCAL_RANK`; a single
+    process (`WORLD_SIZE` unset or <= 1) gives `(0, world, None)`. `local_rank` is None where `LOCAL_RANK` is unset:
+    each caller says which GPU that means."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1: return 0, world, None
+    local = os.environ.get("LOCAL_RANK")
+    return int(os.environ.get("RANK", "0")), world, None if local is None else int(local)
+
 # %% ../nbs/00_core.ipynb #cell-25
 STYLE = {"figure.dpi": 100, "savefig.dpi": 110, "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9,
          "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
@@ -184,7 +195,7 @@ def _record(kind: str, paths: list[Path], **meta) -> None:
     rec_file = os.environ.get("AVAR_RECORDS")
     if not rec_file: return
     rec = {"kind": kind, "files": [p.name for p in paths], **meta}
-    with open(rec_file, "a") as f: f.write(json.dumps(rec, sort_keys=True, default=_json_default) + "\n")
+    with open(rec_file, "a") as f: f.write(json.dumps(rec, sort_keys=True, default=json_default) + "\n")
 
 def save_figure(fig, name: str, caption: str = "", out_dir=None, **meta) -> Path:
     "Save `fig` as `<figures>/<name>.png` atomically with deterministic metadata; returns the path."

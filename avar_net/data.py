@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from .core import VAAR_CLASSES, ConfigError, DataError, DecodeError, atomic_write_text, sha256_bytes
-from .decode import DecodeReport, MediaInfo, _Budget, _check_rate, decode_video_frames, probe
+from .decode import DecodeReport, MediaInfo, DecodeBudget, check_rate, decode_video_frames, probe
 from .soundtrack import decode_audio
 
 # %% auto #0
@@ -117,9 +117,9 @@ def load_clip(path, step_s: float = 0.25, fps: float = 4.0, size: int | None = 2
               timeout_s: float | None = None) -> Clip:
     """Decode a whole clip: frames at `fps` (resized to `size`), mono audio at `sr` aligned to the video, and its
     `TimeGrid`."""
-    budget = _Budget(path, timeout_s)
+    budget = DecodeBudget(path, timeout_s)
     info = probe(path, timeout_s=budget.remaining())
-    _check_rate(fps, size)
+    check_rate(fps, size)
     need = math.ceil(info.duration_s * float(fps)) * 3 * ((size * size) if size else info.width * info.height) \
         + info.duration_s * sr * 4
     if need > MAX_CLIP_BYTES:

@@ -16,15 +16,17 @@ import av
 from .core import ConfigError, DecodeError
 
 # %% auto #0
-__all__ = ['MAX_DURATION_S', 'MAX_PIXELS', 'MIN_BYTES_PER_S', 'DecodeWarning', 'DecodeReport', 'MediaInfo', 'probe',
-           'count_frames', 'resize_crop', 'iter_video_frames', 'decode_video_frames']
+__all__ = ['MAX_DURATION_S', 'MAX_PIXELS', 'MIN_BYTES_PER_S', 'AV_ERRORS', 'DecodeWarning', 'DecodeReport', 'DecodeBudget',
+           'av_reason', 'open_media', 'MediaInfo', 'video_stream', 'audio_stream', 'stream_end', 'stream_timeline',
+           'tag_rotation', 'decode_stream', 'probe', 'count_frames', 'check_rate', 'resize_crop', 'frame_tensor',
+           'iter_video_frames', 'decode_video_frames']
 
 # %% ../nbs/01a_decode.ipynb #cell-6
 MAX_DURATION_S = 7 * 24 * 3600.0     # longer claimed durations are treated as corrupt headers (ours)
 MAX_PIXELS = 1 << 26                 # 67 Mpixel per frame (8K is 33 Mpixel); larger frames are refused (ours)
 MIN_BYTES_PER_S = 16                 # a clip > 10 min claiming fewer bytes per second has a corrupt header (ours)
-_AV_ERRORS = (av.FFmpegError, ValueError, OSError, RuntimeError, EOFError, IndexError, MemoryError,
-              OverflowError, ZeroDivisionError)
+AV_ERRORS = (av.FFmpegError, ValueError, OSError, RuntimeError, EOFError, IndexError, MemoryError,
+             OverflowError, ZeroDivisionError)
 
 class DecodeWarning(UserWarning):
     "Part of a media file could not be decoded (truncation, corrupt packets); the message says how much was lost."
@@ -51,7 +53,7 @@ class DecodeReport:
         warnings.warn(msg, DecodeWarning, stacklevel=3)
 
 # %% ../nbs/01a_decode.ipynb #cell-9
-class _Budget:
+class DecodeBudget:
     "Time limit for one decode; time spent by the consumer of a generator between chunks does not count."
     def __init__(self, path, timeout_s: float | None):
         if timeout_s is not None and not timeout_s > 0: raise ConfigError(f"timeout_s must be > 0, got {timeout_s!r}")
@@ -64,11 +66,12 @@ class _Budget:
     def pause(self) -> None: self.spent += time.monotonic() - self.t0
     def resume(self) -> None: self.t0 = time.monotonic()
 
-def _reason(e: BaseException) -> str:
+def av_reason(e: BaseException) -> str:
+    "A one-line reason for an FFmpeg/PyAV error."
     s = getattr(e, "strerror", None) or str(e) or type(e).__name__
     return " ".join(str(s).split())[:200]
 
-def _open(path, budget: _Budget | None = None):
+def open_media(path, budget: DecodeBudget | None = None):
     "Open a media file for reading; every failure becomes a one-line `DecodeError`."
     p = Path(path)
     if not p.exists(): raise DecodeError(p, "file not found")
@@ -77,10 +80,10 @@ def _open(path, budget: _Budget | None = None):
     t = budget.remaining() if budget is not None else None
     try:
         return av.open(str(p), "r", timeout=(t, t) if t else None, metadata_errors="replace")
-    except _AV_ERRORS as e:
+    except AV_ERRORS as e:
         if budget is not None: budget.check()
-        if isinstance(e, PermissionError): raise DecodeError(p, f"cannot read the file ({_reason(e)})") from e
-        raise DecodeError(p, f"not a media file FFmpeg can read ({_reason(e)})") from e
+        if isinstance(e, PermissionError): raise DecodeError(p, f"cannot read the file ({av_reason(e)})") from e
+        raise DecodeError(p, f"not a media file FFmpeg can read ({av_reason(e)})") from e
 
 # %% ../nbs/01a_decode.ipynb #cell-13
 @dataclass
@@ -101,13 +104,15 @@ class MediaInfo:
     video_codec: str = ""
     audio_codec: str | None = None
 
-def _video_stream(c, path):
+def video_stream(c, path):
+    "The video stream of container `c` (cover art excluded)."
     vids = [s for s in c.streams.video if not (s.disposition & av.stream.Disposition.attached_pic)]
     if not vids: raise DecodeError(path, "no video stream" + (" (audio only)" if c.streams.audio else ""))
     if vids[0].codec_context is None: raise DecodeError(path, "no decoder for the video codec")
     return vids[0]
 
-def _audio_stream(c):
+def audio_stream(c):
+    "The first audio stream of container `c`, or None."
     return c.streams.audio[0] if c.streams.audio else None
 
 def _secs(stream, v) -> float | None:
@@ -122,7 +127,7 @@ def _duration_tag(stream) -> float | None:
             if m: return int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3])
     return None
 
-def _stream_end(c, s) -> float | None:
+def stream_end(c, s) -> float | None:
     "End of a stream in container seconds, from what the file declares (None when it declares nothing)."
     st = _secs(s, s.start_time)
     if s.duration: return (st or 0.0) + float(s.duration * s.time_base)
@@ -130,10 +135,10 @@ def _stream_end(c, s) -> float | None:
     if tag: return tag
     return None
 
-def _scan_end(path, index: int, budget: _Budget) -> float | None:
+def _scan_end(path, index: int, budget: DecodeBudget) -> float | None:
     "Last packet end of stream `index`, by demuxing (no decoding); the fallback when no duration is stored."
     end = None
-    with _open(path, budget) as c:
+    with open_media(path, budget) as c:
         s = c.streams[index]
         rate = float(s.average_rate or s.guessed_rate or 25) if s.type == "video" else None
         n = 0
@@ -145,16 +150,16 @@ def _scan_end(path, index: int, budget: _Budget) -> float | None:
                 if pk.pts is not None:
                     e = float((pk.pts + (pk.duration or 0)) * s.time_base)
                     end = e if end is None else max(end, e)
-        except _AV_ERRORS: pass
+        except AV_ERRORS: pass
         if end is None and n and rate: end = (_secs(s, s.start_time) or 0.0) + n / rate
         if n == 0: end = _secs(s, s.start_time) or 0.0                  # no packets at all: zero duration
     return end
 
-def _timeline(c, s, path, budget: _Budget) -> tuple[float, float]:
+def stream_timeline(c, s, path, budget: DecodeBudget) -> tuple[float, float]:
     "(origin, duration) in seconds: origin = first timestamp of stream `s`; duration = its end - origin."
     origin = _secs(s, s.start_time)
     if origin is None: origin = c.start_time / 1e6 if c.start_time is not None else 0.0
-    end = _stream_end(c, s)
+    end = stream_end(c, s)
     if end is None and c.duration: end = (c.start_time or 0) / 1e6 + c.duration / 1e6
     if end is None: end = _scan_end(path, s.index, budget)
     dur = None if end is None else end - origin
@@ -167,7 +172,7 @@ def _timeline(c, s, path, budget: _Budget) -> tuple[float, float]:
     return origin, dur
 
 # %% ../nbs/01a_decode.ipynb #cell-20
-def _tag_rotation(s) -> int:
+def tag_rotation(s) -> int:
     "Legacy `rotate` tag (clockwise degrees) as counter-clockwise degrees."
     for k, v in s.metadata.items():
         if k.lower() == "rotate":
@@ -177,11 +182,11 @@ def _tag_rotation(s) -> int:
 
 def _frame_rotation(frame, tag_rot: int) -> int:
     try: r = frame.rotation
-    except _AV_ERRORS: r = 0
+    except AV_ERRORS: r = 0
     r = int(round(float(r or 0) / 90)) * 90 % 360
     return r or tag_rot
 
-def _decode_frames(c, s, rep: DecodeReport, budget: _Budget, max_consecutive: int = 64) -> Iterator:
+def decode_stream(c, s, rep: DecodeReport, budget: DecodeBudget, max_consecutive: int = 64) -> Iterator:
     """Decoded frames of stream `s`; unreadable or undecodable packets are counted in `rep` and skipped.
     After a demuxing error, demuxing resumes at the current file position (bounded number of retries)."""
     consecutive = 0
@@ -190,7 +195,7 @@ def _decode_frames(c, s, rep: DecodeReport, budget: _Budget, max_consecutive: in
             for pk in c.demux(s):
                 budget.check()
                 try: frames = s.decode(pk)
-                except _AV_ERRORS:
+                except AV_ERRORS:
                     rep.errors += 1; consecutive += 1; rep._pending = True
                     if consecutive > max_consecutive: return
                     continue
@@ -200,7 +205,7 @@ def _decode_frames(c, s, rep: DecodeReport, budget: _Budget, max_consecutive: in
                     if getattr(f, "is_corrupt", False): rep.corrupt += 1; rep._pending = True
                     yield f
             return
-        except _AV_ERRORS:
+        except AV_ERRORS:
             budget.check()
             rep.errors += 1; consecutive += 1; rep._pending = True
             if consecutive > max_consecutive: return
@@ -208,22 +213,22 @@ def _decode_frames(c, s, rep: DecodeReport, budget: _Budget, max_consecutive: in
 # %% ../nbs/01a_decode.ipynb #cell-23
 def probe(path, timeout_s: float | None = None) -> MediaInfo:
     "Read a media file's streams, timeline and displayed size; `DecodeError` when it cannot become a clip."
-    try: return _probe(path, _Budget(path, timeout_s))
+    try: return _probe(path, DecodeBudget(path, timeout_s))
     except DecodeError: raise
-    except (*_AV_ERRORS, AttributeError) as e:
-        raise DecodeError(path, f"cannot read the stream headers ({_reason(e)})") from e
+    except (*AV_ERRORS, AttributeError) as e:
+        raise DecodeError(path, f"cannot read the stream headers ({av_reason(e)})") from e
 
-def _probe(path, budget: _Budget) -> MediaInfo:
-    with _open(path, budget) as c:
-        vs = _video_stream(c, path)
-        origin, dur = _timeline(c, vs, path, budget)
+def _probe(path, budget: DecodeBudget) -> MediaInfo:
+    with open_media(path, budget) as c:
+        vs = video_stream(c, path)
+        origin, dur = stream_timeline(c, vs, path, budget)
         vs.thread_type = "AUTO"
         rep = DecodeReport(str(path), "video"); rep._pending = False
-        first = next(iter(_decode_frames(c, vs, rep, budget)), None)
+        first = next(iter(decode_stream(c, vs, rep, budget)), None)
         if first is None: raise DecodeError(path, "no decodable video frame")
-        rot = _frame_rotation(first, _tag_rotation(vs))
+        rot = _frame_rotation(first, tag_rotation(vs))
         w, h = (first.width, first.height) if rot in (0, 180) else (first.height, first.width)
-        a = _audio_stream(c)
+        a = audio_stream(c)
         ac = a.codec_context if a is not None else None
         rate = vs.average_rate or vs.guessed_rate
         return MediaInfo(path=Path(path), duration_s=dur, has_video=True, has_audio=a is not None,
@@ -235,19 +240,20 @@ def _probe(path, budget: _Budget) -> MediaInfo:
 
 def count_frames(path, timeout_s: float | None = None) -> int:
     "Number of video packets (= frames for every common codec), by demuxing without decoding."
-    budget = _Budget(path, timeout_s)
-    with _open(path, budget) as c:
-        vs = _video_stream(c, path)
+    budget = DecodeBudget(path, timeout_s)
+    with open_media(path, budget) as c:
+        vs = video_stream(c, path)
         n = 0
         try:
             for pk in c.demux(vs):
                 budget.check()
                 n += pk.size > 0
-        except _AV_ERRORS as e: raise DecodeError(path, f"cannot count frames ({_reason(e)})") from e
+        except AV_ERRORS as e: raise DecodeError(path, f"cannot count frames ({av_reason(e)})") from e
         return n
 
 # %% ../nbs/01a_decode.ipynb #cell-27
-def _check_rate(fps, size, chunk=1):
+def check_rate(fps, size, chunk=1):
+    "Refuse a bad frame rate, size or chunk length with a `ConfigError`."
     if not (isinstance(fps, (int, float, Fraction)) and math.isfinite(float(fps)) and float(fps) > 0):
         raise ConfigError(f"fps must be a positive number, got {fps!r}")
     if size is not None and not (isinstance(size, (int, np.integer)) and size > 0):
@@ -269,7 +275,8 @@ def resize_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
     return x[..., top:top + size, left:left + size]
 
-def _to_tensor(frame, size, tag_rot, path) -> torch.Tensor:
+def frame_tensor(frame, size, tag_rot, path) -> torch.Tensor:
+    "A decoded frame as uint8 (3,H,W), turned upright; with `size`, resized and centre-cropped to (3,S,S)."
     if frame.width * frame.height > MAX_PIXELS:
         raise DecodeError(path, f"frame of {frame.width}x{frame.height} pixels is larger than the limit of "
                                 f"{MAX_PIXELS} pixels")
@@ -305,7 +312,7 @@ class _Chunks:
     def emit(self, t: float, frame, cache):
         "Add `frame` as the sample of time `t`; `cache` is its tensor when already converted. Returns the tensor."
         if cache is None:
-            cache = _to_tensor(frame, self.size, self.tag_rot, self.path)
+            cache = frame_tensor(frame, self.size, self.tag_rot, self.path)
             if self.ref_hw is None: self.ref_hw = tuple(cache.shape[1:])
             elif tuple(cache.shape[1:]) != self.ref_hw:                   # resolution changed mid-stream (size=None)
                 cache = F.interpolate(cache[None], size=self.ref_hw, mode="bilinear", antialias=True,
@@ -363,7 +370,7 @@ def _video_loss(rep: DecodeReport, gaps: list, duration: float, c, vs) -> str:
                     f"last good frame held)")
     what.append(f"{rep.lost_s:.2f} s of {duration:.2f} s lost")
     if rep.usable_until_s is not None:
-        why = "" if _stream_end(c, vs) is not None else (" (end taken from the container; the video stream may just"
+        why = "" if stream_end(c, vs) is not None else (" (end taken from the container; the video stream may just"
                                                            " be shorter than another stream)")
         what.append(f"frames stop at {rep.usable_until_s:.2f} s{why}")
     return ", ".join(what)
@@ -375,15 +382,15 @@ def iter_video_frames(path, fps: float, size: int | None, *, start_s: float = 0.
     """Yield `(times (n,), frames uint8 (n,3,S,S))` chunks of frames sampled at `fps` on presentation timestamps
     (target `t_k = (k+0.5)/fps` takes the latest frame with pts <= t_k), for targets in [start_s, end_s).
     `threads`: FFmpeg decoding threads (0 = FFmpeg's frame threading with its automatic count, 1 = single-threaded)."""
-    _check_rate(fps, size, chunk)
+    check_rate(fps, size, chunk)
     if int(threads) != threads or threads < 0: raise ConfigError(f"threads must be an integer >= 0, got {threads!r}")
-    fps, budget = float(fps), _Budget(path, timeout_s)
+    fps, budget = float(fps), DecodeBudget(path, timeout_s)
     rep = report if report is not None else DecodeReport(str(path), "video")
     rep._pending = False
-    c = _open(path, budget)
+    c = open_media(path, budget)
     try:
-        vs = _video_stream(c, path)
-        origin, duration = _timeline(c, vs, path, budget)
+        vs = video_stream(c, path)
+        origin, duration = stream_timeline(c, vs, path, budget)
         if threads == 1: vs.thread_type, vs.thread_count = "NONE", 1
         else: vs.thread_type, vs.thread_count = "AUTO", int(threads)
         tb, rate = vs.time_base, float(vs.average_rate or vs.guessed_rate or 0) or None
@@ -394,11 +401,11 @@ def iter_video_frames(path, fps: float, size: int | None, *, start_s: float = 0.
         tg = _Targets(fps, start, end)
         if start > 0:                                          # jump close to the window; frames before it are skipped
             try: c.seek(int((origin + start) / tb), stream=vs, backward=True, any_frame=False)
-            except _AV_ERRORS: c.seek(0)
-        out, holes = _Chunks(size, _tag_rotation(vs), path), _Holes(rep, nominal, start)
+            except AV_ERRORS: c.seek(0)
+        out, holes = _Chunks(size, tag_rotation(vs), path), _Holes(rep, nominal, start)
         prev = prev_x = prev_t = prev_end = None
         done = False
-        for frame in _decode_frames(c, vs, rep, budget):
+        for frame in decode_stream(c, vs, rep, budget):
             t = frame.time
             t = (prev_t + nominal if prev_t is not None else 0.0) if t is None else float(t) - origin
             if prev_t is not None and t <= prev_t: continue                  # duplicate / non-monotonic timestamp
@@ -425,7 +432,7 @@ def iter_video_frames(path, fps: float, size: int | None, *, start_s: float = 0.
         if rep.errors or rep.corrupt or rep.lost_s > 0: rep._warn(_video_loss(rep, holes.gaps, duration, c, vs))
     except DecodeError: raise
     except MemoryError as e: raise DecodeError(path, "out of memory while decoding video") from e
-    except _AV_ERRORS as e: raise DecodeError(path, f"video decoding failed ({_reason(e)})") from e
+    except AV_ERRORS as e: raise DecodeError(path, f"video decoding failed ({av_reason(e)})") from e
     finally:
         c.close()
 

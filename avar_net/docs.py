@@ -334,7 +334,7 @@ def execute_notebooks(only: str | None = None, root=None, log=print) -> dict:
     """Execute the module notebooks as `nbdev_test` does (`IN_TEST=1`, working directory `nbs/`) and keep their
     executed copies in `figures/notebooks/`, listed in the manifest. A failing notebook is reported, the others run."""
     import nbformat, papermill as pm
-    from avar_net.reproduce import keep_executed, source_commit, KEPT_DIR, _env
+    from avar_net.reproduce import keep_executed, source_commit, KEPT_DIR, patched_env
     from avar_net.core import atomic_write_json
     root = Path(root or project_root()); names = module_notebooks(root / "nbs")
     if only: names = [n for n in names if only in (n, *n.split("_", 1))] or _no_match(only, names)
@@ -347,7 +347,7 @@ def execute_notebooks(only: str | None = None, root=None, log=print) -> dict:
         nbformat.write(nb, str(src))
         out = root / "runs" / "docs" / f"{name}.ipynb"
         try:
-            with _env(IN_TEST=1, AVAR_IN_TEST=1, MPLBACKEND="module://matplotlib_inline.backend_inline"):
+            with patched_env(IN_TEST=1, AVAR_IN_TEST=1, MPLBACKEND="module://matplotlib_inline.backend_inline"):
                 pm.execute_notebook(str(src), str(out), cwd=str(root / "nbs"), kernel_name="python3",
                                     progress_bar=False, log_output=False)
         except pm.PapermillExecutionError as ex:

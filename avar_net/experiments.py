@@ -148,7 +148,7 @@ def synth_dataset(params: Mapping, kind: str = "avar", seed: int = 0) -> Path:
 
 def degradation_tag(degrade) -> str:
     "A short folder tag for a degradation: 'occ0.5', 'dark0.8', 'noise0.2', 'snr-5', 'noaudio', joined by '+'."
-    from avar_net.synth import Degradation
+    from avar_net.synthclip import Degradation
     d = Degradation.coerce(degrade)
     parts = ([f"occ{d.occlusion:g}"] if d.occlusion else []) + ([f"dark{d.low_light:g}"] if d.low_light else []) \
           + ([f"noise{d.visual_noise:g}"] if d.visual_noise else []) \
@@ -156,7 +156,8 @@ def degradation_tag(degrade) -> str:
     return "+".join(parts) or "clean"
 
 def _render_job(job: dict) -> None:
-    from avar_net.synth import render_clip, write_mp4
+    from avar_net.synth import write_mp4
+    from avar_net.synthclip import render_clip
     c = job["clip"]
     frames, audio, fps, sr = render_clip(c["label_index"], c["seed"], c["size"], c["duration_s"], c["fps"], c["sr"],
                                          job["degrade"])
@@ -195,7 +196,7 @@ def _map(fn, jobs: list, workers: int, desc: str = "jobs") -> list:
 def degraded_testsets(params: Mapping, degrades: Sequence, seed: int = 0) -> list[Path]:
     """The test split of the profile's SynthAVAR re-rendered with each degradation of `degrades` (`Degradation`s or
     dicts); a clean one gives the clean dataset. Missing sets are rendered together, in `workers` processes."""
-    from avar_net.synth import Degradation, SYNTH_VERSION
+    from avar_net.synthclip import Degradation, SYNTH_VERSION
     degs = [Degradation.coerce(d) for d in degrades]
     if params.get("data_root"):
         raise ConfigError("degraded test sets are rendered from SynthAVAR seeds; with a real data_root the robustness "

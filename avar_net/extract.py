@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 import torch
 from . import __version__
-from .core import ConfigError, atomic_write_json, git_commit, parse_shard
+from .core import ConfigError, atomic_write_json, git_commit, parse_shard, torchrun_env
 from .decode import probe
 from .soundtrack import decode_audio
-from .features import (FEATURE_FORMAT, FeatureConfig, ClipItem, list_clips, shard_items, clip_file, status_file,
-                               write_feature_file, read_status, is_done, write_manifest, _status_record, _error_reason,
-                               _cleanup_tmp)
+from .features import (FEATURE_FORMAT, FeatureConfig, ClipItem, list_clips, shard_items, status_file,
+                               read_status, is_done, write_manifest, status_record, error_reason,
+                               cleanup_tmp, save_clip_features)
 from .pipeline import run_clip, iter_threads, iter_loader
 
 # %% auto #0
@@ -95,19 +95,16 @@ def run_info_for(cfg: FeatureConfig, ex: Extractors, layout: str, data_root) -> 
                               "missing_audio": "zero features, has_audio=False"}}
 
 def _save_clip(out_dir, it: ClipItem, res: dict, key: str, ex: Extractors, cfg: FeatureConfig) -> None:
-    "The feature file first, then its `ok` status record (a kill in between leaves a clip the next run recomputes)."
-    meta = {"clip_id": it.clip_id, "source": it.source, "label": it.label, "label_name": it.label_name,
-            "split": it.split, "has_audio": res["has_audio"], "duration_s": res["duration_s"],
-            "step_s": res["grid"].step_s, "cfg_key": key,
-            "weights": {"audio": ex.audio.weights_id, "video": ex.video.weights_id}}
+    "Save one extraction result `res` of clip `it` (`save_clip_features`: the file, then its `ok` record)."
+    meta = {"has_audio": res["has_audio"], "duration_s": res["duration_s"], "step_s": res["grid"].step_s,
+            "cfg_key": key, "weights": {"audio": ex.audio.weights_id, "video": ex.video.weights_id}}
     if cfg.xd: meta["n_frames"] = res["n_frames"]
-    sha = write_feature_file(clip_file(out_dir, it.clip_id), res["audio"], res["video"], res["step_start_s"], meta)
     extra = {k2: res[k2] for k2 in ("n_frames", "n_frames_source", "xd_fps_warning", "declared_duration_s", "warnings")
              if k2 in res}
-    atomic_write_json(status_file(out_dir, it.clip_id), _status_record(
-        it, key, ex, status="ok", sha256=sha, file=f"clips/{it.clip_id}.safetensors", T=int(res["grid"].T),
-        has_audio=res["has_audio"], duration_s=res["duration_s"], n_sampled_frames=res["n_sampled_frames"],
-        timing={k2: round(v, 4) for k2, v in res["timing"].items()}, **extra))
+    save_clip_features(out_dir, it, key, ex, (res["audio"], res["video"], res["step_start_s"]), meta,
+                       T=int(res["grid"].T), has_audio=res["has_audio"], duration_s=res["duration_s"],
+                       n_sampled_frames=res["n_sampled_frames"],
+                       timing={k2: round(v, 4) for k2, v in res["timing"].items()}, **extra)
 
 # %% ../nbs/05a_extract.ipynb #cell-18
 def _extract_todo(out_dir, todo: Sequence[ClipItem], key: str, ex: Extractors, cfg: FeatureConfig, bar,
@@ -123,9 +120,9 @@ def _extract_todo(out_dir, todo: Sequence[ClipItem], key: str, ex: Extractors, c
             computed.append(it.clip_id)
             for k2 in tsum: tsum[k2] += res["timing"].get(k2, 0.0)
         except Exception as e:
-            reason = _error_reason(e)
+            reason = error_reason(e)
             atomic_write_json(status_file(out_dir, it.clip_id),
-                              _status_record(it, key, ex, status="failed", reason=reason))
+                              status_record(it, key, ex, status="failed", reason=reason))
             failures.append({"clip_id": it.clip_id, "source": it.source, "reason": reason})
         bar.update(1)
         bar.set_postfix(ok=len(computed) + n_skipped, failed=len(failures), refresh=False)
@@ -149,7 +146,7 @@ def extract_dataset(data_root, out_dir, cfg: FeatureConfig | None = None, shard=
     key = info["config_key"]
     for sub in ("clips", "status", "configs"): (out_dir / sub).mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "configs" / f"{key}.json", info)
-    _cleanup_tmp(out_dir, [it.clip_id for it in mine])
+    cleanup_tmp(out_dir, [it.clip_id for it in mine])
 
     todo, skipped, recomputed = [], [], []
     for it in mine:
@@ -195,9 +192,9 @@ def extract_cli(data_root, out_dir, audio_backbone: str = "facebook/wav2vec2-bas
 def launch_shard(shard=None, device: str = "auto") -> tuple[tuple[int, int], str]:
     """`((i, n), device)` of this process: under torchrun (`WORLD_SIZE` > 1) shard `RANK/WORLD_SIZE` and, for a CUDA
     device, `cuda:LOCAL_RANK`; otherwise `shard` (default 0/1) and `device` unchanged."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank, world, local = torchrun_env()
     if world <= 1: return parse_shard(shard if shard is not None else (0, 1)), device
-    rank = int(os.environ.get("RANK", "0")); local = int(os.environ.get("LOCAL_RANK", rank))
+    local = rank if local is None else local     # no LOCAL_RANK: GPU `RANK` modulo the GPU count
     if shard is not None and parse_shard(shard) != (rank, world):
         raise ConfigError(f"--shard {shard} conflicts with torchrun's RANK/WORLD_SIZE = {rank}/{world}; "
                           "drop --shard under torchrun")

@@ -14,14 +14,15 @@ from fastcore.basics import patch
 from safetensors.torch import save as _st_save, load as _st_load
 from . import __version__
 from .core import (AvarError, ConfigError, DataError, DecodeError, atomic_write_bytes, atomic_write_json,
-                           sha256_bytes, sha256_file, auto_device, parse_shard)
+                           json_default, sha256_bytes, sha256_file, auto_device, parse_shard)
 from .data import read_vaar, read_xd, assign_clip_ids
 
 # %% auto #0
 __all__ = ['FEATURE_FORMAT', 'XD_FPS', 'XD_FRAMES_PER_STEP', 'FeatureConfig', 'ClipItem', 'detect_layout', 'list_clips',
            'shard_items', 'clip_file', 'status_file', 'check_finite', 'write_feature_file', 'read_feature_file',
-           'read_status', 'iter_status', 'is_done', 'feature_manifest', 'shards_done', 'write_manifest', 'FeatureStore',
-           'FeatureDataset', 'collate_features']
+           'read_status', 'iter_status', 'is_done', 'status_record', 'error_reason', 'save_clip_features',
+           'feature_manifest', 'shards_done', 'write_manifest', 'cleanup_tmp', 'FeatureStore', 'FeatureDataset',
+           'collate_features']
 
 # %% ../nbs/05_features.ipynb #cell-6
 FEATURE_FORMAT = "avar_net.features/1"
@@ -193,15 +194,9 @@ def write_feature_file(path, audio: np.ndarray, video: np.ndarray, step_start_s:
             raise DataError(f"{path}: {k} features have shape {tuple(tensors[k].shape)}, expected ({T}, D)")
         check_finite(tensors[k], k, path)
     data = _st_save(tensors, metadata={"format": FEATURE_FORMAT,
-                                       **{k: json.dumps(v, default=_jsonable) for k, v in meta.items()}})
+                                       **{k: json.dumps(v, default=json_default) for k, v in meta.items()}})
     atomic_write_bytes(path, data)
     return sha256_bytes(data)
-
-def _jsonable(o):
-    if isinstance(o, Path): return str(o)
-    if isinstance(o, np.generic): return o.item()
-    if isinstance(o, np.ndarray): return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 # %% ../nbs/05_features.ipynb #cell-17
 def _st_metadata(data: bytes) -> dict:
@@ -264,7 +259,8 @@ def is_done(out_dir, clip_id: str, key: str, verify: bool = True) -> bool:
     if not f.exists(): return False
     return (not verify) or sha256_file(f) == rec.get("sha256")
 
-def _status_record(it: ClipItem, key: str, ex, **kw) -> dict:
+def status_record(it: ClipItem, key: str, ex, **kw) -> dict:
+    "A clip's status record: its identity, `key`, the version, the time, the weights of `ex` (when given) and `kw`."
     rec = {"clip_id": it.clip_id, "source": it.source, "label": it.label, "label_name": it.label_name,
            "split": it.split, "order": it.order, "cfg_key": key, "avar_net_version": __version__,
            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -272,10 +268,21 @@ def _status_record(it: ClipItem, key: str, ex, **kw) -> dict:
     rec.update(kw)
     return rec
 
-def _error_reason(e: BaseException) -> str:
+def error_reason(e: BaseException) -> str:
+    "The one-line reason a failed clip's record gives for `e`."
     if isinstance(e, DecodeError): return e.reason
     if isinstance(e, AvarError): return str(e)
     return f"{type(e).__name__}: {e}"
+
+# %% ../nbs/05_features.ipynb #5e920a96
+def save_clip_features(out_dir, it: ClipItem, key: str, ex, features: tuple, meta: dict, **record) -> dict:
+    "Write clip `it`'s `features` `(audio, video, step_start_s)` with `meta`, then its `ok` record; returns the record."
+    ident = {"clip_id": it.clip_id, "source": it.source, "label": it.label, "label_name": it.label_name,
+             "split": it.split}
+    sha = write_feature_file(clip_file(out_dir, it.clip_id), *features, {**ident, **meta})
+    rec = status_record(it, key, ex, status="ok", sha256=sha, file=f"clips/{it.clip_id}.safetensors", **record)
+    atomic_write_json(status_file(out_dir, it.clip_id), rec)
+    return rec
 
 # %% ../nbs/05_features.ipynb #cell-24
 def feature_manifest(out_dir, run_info: dict, items: Sequence[ClipItem] | None = None) -> dict:
@@ -329,7 +336,7 @@ def write_manifest(out_dir, run_info: dict, items: Sequence[ClipItem] | None = N
         finally: fcntl.flock(lk, fcntl.LOCK_UN)
     return m
 
-def _cleanup_tmp(out_dir, clip_ids) -> int:
+def cleanup_tmp(out_dir, clip_ids) -> int:
     "Remove temporary files left by a killed run for the clips of this shard (no other process writes them)."
     mine, n = set(clip_ids), 0
     for sub, suffix in (("clips", ".safetensors"), ("status", ".json")):

@@ -221,8 +221,8 @@ class HLNetTemporal(nn.Module):
         self.net = HLNet(in_dim, dropout=dropout, **hlnet_kw)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        from avar_net.mtcn import _lengths
+        from avar_net.mtcn import valid_lengths
         mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None else mask.bool()
-        offline, online = self.net(x, _lengths(mask))
+        offline, online = self.net(x, valid_lengths(mask))
         two = lambda l: torch.cat([torch.zeros_like(l), l], -1) * mask[..., None].to(l.dtype)
         return torch.stack([two(online), two(offline)])

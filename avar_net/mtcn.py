@@ -13,7 +13,7 @@ from .core import ConfigError, DataError
 # %% auto #0
 __all__ = ['TEMPORAL', 'DilatedResidualLayer', 'SingleStageModel', 'zero_pad', 'check_sequence', 'MTCN', 'smoothing_loss',
            'mstcn_loss', 'masked_mean', 'clip_logits', 'anomaly_logits', 'mil_topk', 'clip_loss', 'mil_loss',
-           'MeanPoolMLP', 'BiGRUTemporal', 'sinusoidal_positions', 'TransformerTemporal']
+           'valid_lengths', 'MeanPoolMLP', 'BiGRUTemporal', 'sinusoidal_positions', 'TransformerTemporal']
 
 # %% ../nbs/07_mtcn.ipynb #5d495cb7
 class DilatedResidualLayer(nn.Module):
@@ -154,7 +154,7 @@ def mil_loss(stage_logits: torch.Tensor, label: torch.Tensor, mask: torch.Tensor
                + smooth_weight * smoothing_loss(p, mask, tau, reduction) for p in stage_logits)
 
 # %% ../nbs/07_mtcn.ipynb #cell-23
-def _lengths(mask: torch.Tensor) -> torch.Tensor:
+def valid_lengths(mask: torch.Tensor) -> torch.Tensor:
     "Valid lengths of right-padded masks; refuses masks with gaps."
     lengths = mask.sum(1)
     if not torch.equal(mask, torch.arange(mask.shape[1], device=mask.device)[None] < lengths[:, None]):
@@ -186,7 +186,7 @@ class BiGRUTemporal(nn.Module):
 
     def forward(self, x, mask=None):
         mask = check_sequence(x, mask)
-        packed = nn.utils.rnn.pack_padded_sequence(zero_pad(x, mask), _lengths(mask).cpu(), batch_first=True,
+        packed = nn.utils.rnn.pack_padded_sequence(zero_pad(x, mask), valid_lengths(mask).cpu(), batch_first=True,
                                                    enforce_sorted=False)
         h, _ = nn.utils.rnn.pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=x.shape[1])
         return _out(self.out(self.dropout(h)), mask)

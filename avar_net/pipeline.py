@@ -16,7 +16,7 @@ from .data import TimeGrid, pool_to_grid
 from .decode import DecodeReport, probe
 from .soundtrack import decode_audio
 from .decode import count_frames, iter_video_frames
-from .features import FeatureConfig, XD_FPS, XD_FRAMES_PER_STEP, _error_reason
+from .features import FeatureConfig, XD_FPS, XD_FRAMES_PER_STEP, error_reason
 if TYPE_CHECKING: from avar_net.extract import Extractors
 
 # %% auto #0
@@ -114,7 +114,7 @@ class _Decoding:
 _DECODING = _Decoding()
 
 # %% ../nbs/05b_pipeline.ipynb #cell-19
-GOVERN_THREADS = True      # thread pipeline on CPU: backbones give a core to a working decoder (see below)
+GOVERN_THREADS = True      # thread pipeline on CPU: backbones give a core to a working decoder (`ThreadGovernor`)
 
 class ThreadGovernor:
     """While any decoding thread works (`_DECODING`), CPU backbones run with one intra-op thread fewer than
@@ -154,7 +154,7 @@ class _ClipJob:
         self.path, self.cfg, self.size = Path(path), cfg, size
         self.q: queue.Queue = queue.Queue(maxsize=cfg.queue_chunks)
         self.cancelled = threading.Event()
-        self.audio_go = threading.Event()       # set when the clip becomes current (see `_iter_extract_threads`)
+        self.audio_go = threading.Event()       # set when the clip becomes current (`_run_job`)
         self.audio_ready = threading.Event()
         self.audio: tuple | None = None
         self.audio_error: BaseException | None = None
@@ -337,7 +337,7 @@ class _ChunkStream(torch.utils.data.IterableDataset):
 def _picklable_error(e: Exception, path) -> dict:
     "Errors cross the process boundary as plain dicts (`DecodeError(path, reason)` does not survive pickling)."
     if isinstance(e, DecodeError): return {"path": e.path, "reason": e.reason}
-    return {"path": str(path), "reason": _error_reason(e)}
+    return {"path": str(path), "reason": error_reason(e)}
 
 # %% ../nbs/05b_pipeline.ipynb #cell-35
 def _flush(batch: list, state: dict, ex: Extractors, dev) -> None:

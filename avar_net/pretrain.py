@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from .core import ConfigError, atomic_write_json
-from . import synth as _synth
+from .scenes import VISUAL_EVENTS, event_timeline, make_scene, render_frames, seed_rng
+from .sounds import SOUND_EVENTS, render_audio
+from .synthclip import Degradation, finish_audio, finish_frames
 
 # %% auto #0
 __all__ = ['VISUAL_SOURCES', 'SOUND_SOURCES', 'PRETRAIN_SEED_BASE', 'PRETRAIN_SIZES', 'SYNTH_PRETRAINED', 'CLI_HELP',
@@ -21,8 +23,8 @@ __all__ = ['VISUAL_SOURCES', 'SOUND_SOURCES', 'PRETRAIN_SEED_BASE', 'PRETRAIN_SI
            'clip_vectors', 'linear_probe']
 
 # %% ../nbs/16_pretrain.ipynb #cell-6
-VISUAL_SOURCES: tuple[str, ...] = tuple(_synth._VISUAL)   # what is visible
-SOUND_SOURCES: tuple[str, ...] = tuple(_synth._AUDIO)     # what is audible
+VISUAL_SOURCES: tuple[str, ...] = tuple(VISUAL_EVENTS)   # what is visible
+SOUND_SOURCES: tuple[str, ...] = tuple(SOUND_EVENTS)     # what is audible
 PRETRAIN_SEED_BASE = 2 ** 32    # evaluation clip seeds are 32-bit: every pretraining seed lies above them
 
 def pretrain_seed(seed: int, index: int) -> int:
@@ -33,8 +35,8 @@ def pretrain_seed(seed: int, index: int) -> int:
 
 # %% ../nbs/16_pretrain.ipynb #cell-9
 def _scene(s: int, dur: float):
-    sc = _synth._make_scene(_synth._rng(s, "scene"))
-    return sc, _synth._timeline(_synth._rng(s, "timing"), 0.0, dur, sc["hy"])
+    sc = make_scene(seed_rng(s, "scene"))
+    return sc, event_timeline(seed_rng(s, "timing"), 0.0, dur, sc["hy"])
 
 def render_visual_example(seed: int, index: int, size: int = 64, n_frames: int = 2, fps: float = 8.0):
     "`n_frames` frames (uint8, inside the event) of pretraining example `index` and its visual label index."
@@ -45,8 +47,8 @@ def render_visual_example(seed: int, index: int, size: int = 64, n_frames: int =
     inside = np.flatnonzero((t >= tl.t_on + 0.1 * (tl.t_off - tl.t_on)) & (t <= tl.t_off))
     pick = np.sort(rng.choice(inside, size=min(n_frames, len(inside)),
                               replace=False)) if len(inside) else np.array([len(t) // 2])
-    F = _synth._render_frames(size, t[pick], fps, s, sc, [(VISUAL_SOURCES[label], tl)])
-    return _synth._finish_frames(F, s, sc, _synth.Degradation()), label
+    F = render_frames(size, t[pick], fps, s, sc, [(VISUAL_SOURCES[label], tl)])
+    return finish_frames(F, s, sc, Degradation()), label
 
 # %% ../nbs/16_pretrain.ipynb #cell-11
 def render_sound_example(seed: int, index: int, sr: int = 16000, window_s: float = 1.0):
@@ -55,9 +57,9 @@ def render_sound_example(seed: int, index: int, sr: int = 16000, window_s: float
     rng = np.random.default_rng([s, 2])
     dur = float(rng.uniform(1.2, 2.0)) + window_s
     sc, tl = _scene(s, dur)
-    a = _synth._render_audio(int(round(dur * sr)), sr, s, sc, [(SOUND_SOURCES[label], tl)])
-    deg = _synth.Degradation(audio_snr_db=float(rng.uniform(-5, 20))) if rng.random() < 0.3 else _synth.Degradation()
-    a = _synth._finish_audio(a, s, deg)
+    a = render_audio(int(round(dur * sr)), sr, s, sc, [(SOUND_SOURCES[label], tl)])
+    deg = Degradation(audio_snr_db=float(rng.uniform(-5, 20))) if rng.random() < 0.3 else Degradation()
+    a = finish_audio(a, s, deg)
     n = int(round(window_s * sr))
     start = int(rng.uniform(tl.t_on, max(tl.t_on, tl.t_off - window_s)) * sr)
     w = a[start:start + n]

@@ -12,9 +12,9 @@ from .core import (AvarError, ConfigError, project_root, project_path, sha256_fi
                            atomic_write_text, git_commit)
 
 # %% auto #0
-__all__ = ['NOTEBOOKS', 'PROFILES', 'REPORTED', 'KEPT_DIR', 'profile_params', 'measured_source', 'source_commit', 'run_notebook',
-           'keep_executed', 'figures_manifest', 'check_manifest', 'render_readme', 'readme_block', 'readme_blocks',
-           'sync_readme', 'reproduce']
+__all__ = ['NOTEBOOKS', 'PROFILES', 'REPORTED', 'KEPT_DIR', 'profile_params', 'measured_source', 'source_commit', 'patched_env',
+           'run_notebook', 'keep_executed', 'figures_manifest', 'check_manifest', 'render_readme', 'readme_block',
+           'readme_blocks', 'sync_readme', 'reproduce']
 
 # %% ../nbs/14_reproduce.ipynb #cell-6
 NOTEBOOKS = ["01_data", "02_synth", "16_pretrain", "20_fusion_ablation", "21_vaar", "22_xd", "23_robustness",
@@ -86,7 +86,8 @@ def _resolve(only: str | None) -> list[str]:
     return hits
 
 @contextlib.contextmanager
-def _env(**kv):
+def patched_env(**kv):
+    "Context manager: environment variables `kv` set for the block, restored after it."
     old = {k: os.environ.get(k) for k in kv}
     os.environ.update({k: str(v) for k, v in kv.items()})
     try: yield
@@ -228,8 +229,8 @@ def reproduce(profile: str = "demo", only: str | None = None, figures_dir=None, 
         rec = rec_dir / f"{name}.jsonl"; rec.unlink(missing_ok=True)
         t0 = time.time(); log(f"[reproduce:{profile}] {name} …")
         # figures shown inline stay in the executed copy even where MPLBACKEND says Agg (as the test runner sets it)
-        with _env(AVAR_RECORDS=rec, AVAR_FIGURES_DIR=figures_dir, AVAR_COMMIT=commit, AVAR_PROFILE=profile,
-                  AVAR_PROGRESS=1, MPLBACKEND="module://matplotlib_inline.backend_inline"):
+        with patched_env(AVAR_RECORDS=rec, AVAR_FIGURES_DIR=figures_dir, AVAR_COMMIT=commit, AVAR_PROFILE=profile,
+                         AVAR_PROGRESS=1, MPLBACKEND="module://matplotlib_inline.backend_inline"):
             out_nb = run_notebook(name, params, out_dir, nbs_dir)
         k = keep_executed(out_nb, figures_dir / KEPT_DIR)
         kept[name] = dict(file=f"{KEPT_DIR}/{k.name}", profile=profile, git_commit=commit, sha256=sha256_file(k))

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Mapping
 import numpy as np
 import torch
-from .core import WeightsError, atomic_write_json, sha256_file, auto_device
+from .core import WeightsError, atomic_write_json, sha256_file, auto_device, torchrun_env
 from .model import AVARNet
 from .fast_mtcn import accelerate
 
@@ -157,11 +157,11 @@ class Processes:
 
 def setup_processes(device_pref: str) -> tuple[Processes, torch.device]:
     "The launch's `Processes` (joining the process group under `torchrun`) and this process's device."
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    _, world, local = torchrun_env()      # the rank is the process group's (`dist.get_rank()`)
     dev = auto_device(device_pref)
     if world <= 1: return Processes(), dev
     import torch.distributed as dist
-    _rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    local = 0 if local is None else local     # no LOCAL_RANK: GPU 0 (`cuda:N` is used as is, never taken modulo)
     if dev.type == "cuda":
         dev = torch.device("cuda", local); torch.cuda.set_device(dev)
     created = False

@@ -9,13 +9,14 @@ from typing import Callable
 import numpy as np
 
 # %% auto #0
-__all__ = []
+__all__ = ['VISUAL_EVENTS', 'seed_rng', 'make_scene', 'event_timeline', 'render_frames']
 
 # %% ../nbs/02a_scenes.ipynb #cell-6
 _STREAMS = {"scene": 1, "timing": 2, "visual": 3, "audio": 4, "sensor": 5, "bed": 6, "degrade_video": 7,
             "degrade_audio": 8, "clip": 9, "splits": 10, "xd": 11}
 
-def _rng(seed: int, stream: str, *extra: int) -> np.random.Generator:
+def seed_rng(seed: int, stream: str, *extra: int) -> np.random.Generator:
+    "The generator of one named random stream (`_STREAMS`) of `seed`; `extra` ints split it further."
     return np.random.default_rng(np.random.SeedSequence([int(seed), _STREAMS[stream], *map(int, extra)]))
 
 # %% ../nbs/02a_scenes.ipynb #cell-9
@@ -136,7 +137,7 @@ def _draw_walkers(F, t, g, walkers) -> None:
         _person(F, g, x, y, w["h"], w["col"], w["skin"])
 
 # %% ../nbs/02a_scenes.ipynb #cell-18
-def _make_scene(rng: np.random.Generator, walkers=(0, 3)) -> dict:
+def make_scene(rng: np.random.Generator, walkers=(0, 3)) -> dict:
     "Nuisance parameters of a scene (class-independent)."
     hy = float(rng.uniform(0.36, 0.55))
     blds = []
@@ -195,8 +196,8 @@ class _Timeline:
                     x=r(self.x), y=r(self.y), scale=r(self.scale), speed=r(self.speed), gain_db=r(self.gain_db),
                     side=int(self.side))
 
-def _timeline(rng: np.random.Generator, t0: float, t1: float, hy: float, fill: bool = False,
-              t_end: float | None = None) -> _Timeline:
+def event_timeline(rng: np.random.Generator, t0: float, t1: float, hy: float, fill: bool = False,
+                   t_end: float | None = None) -> _Timeline:
     "An event inside [t0, t1]; `fill=True` makes it span the whole interval (SynthXD segments)."
     D = t1 - t0
     if fill: on, off = t0, t1
@@ -395,12 +396,12 @@ def _v_riot(F, t, tl, rng, g):
         qx, qy = x0 + vx * d, tl.y - 0.2 - 1.0 * d + 1.6 * d ** 2
         _paint(F[s], _ellipse(g, qx, qy, 0.012, 0.012), [0.1, 0.1, 0.1])
 
-_VISUAL: dict[str, Callable] = dict(street=_v_street, struggle=_v_struggle, lying=_v_lying, collision=_v_collision,
-                                    fireball=_v_fireball, prowler=_v_prowler, smash=_v_smash, beacon=_v_beacon,
-                                    gunfire=_v_gunfire, riot=_v_riot)
+VISUAL_EVENTS: dict[str, Callable] = dict(street=_v_street, struggle=_v_struggle, lying=_v_lying,
+                                          collision=_v_collision, fireball=_v_fireball, prowler=_v_prowler,
+                                          smash=_v_smash, beacon=_v_beacon, gunfire=_v_gunfire, riot=_v_riot)
 
 # %% ../nbs/02a_scenes.ipynb #cell-36
-def _render_frames(size: int, t: np.ndarray, fps: float, seed: int, sc: dict, events: list) -> np.ndarray:
+def render_frames(size: int, t: np.ndarray, fps: float, seed: int, sc: dict, events: list) -> np.ndarray:
     "Frames (N,H,W,3) float32 of the scene of `seed` with `events` = [(visual signature, timeline), ...]."
     g = _Grid(size)
     F = np.empty((len(t), size, size, 3), np.float32)
@@ -408,6 +409,6 @@ def _render_frames(size: int, t: np.ndarray, fps: float, seed: int, sc: dict, ev
     _draw_distractors(F, t, g, sc, len(t) / fps)
     for k, (sig, tl) in enumerate(events):
         s = _span(t, tl.t_on, tl.t_off)
-        if s.stop > s.start: _VISUAL[sig](F[s], t[s], tl, _rng(seed, "visual", k), g)
+        if s.stop > s.start: VISUAL_EVENTS[sig](F[s], t[s], tl, seed_rng(seed, "visual", k), g)
     F *= np.float32(sc["exposure"]) * sc["tint"]
     return F

@@ -6,10 +6,10 @@
 from __future__ import annotations
 from typing import Callable
 import numpy as np
-from .scenes import _rng, _span, _timeline
+from .scenes import seed_rng, _span, event_timeline
 
 # %% auto #0
-__all__ = []
+__all__ = ['SOUND_EVENTS', 'render_audio']
 
 # %% ../nbs/02b_sounds.ipynb #cell-6
 def _noise(rng, n: int, sr: int, lo: float = 0.0, hi: float | None = None, tilt: float = 0.0) -> np.ndarray:
@@ -219,9 +219,9 @@ def _a_riot(ts, tl, rng, sr):
     out[s] = 0.45 * x
     return out
 
-_AUDIO: dict[str, Callable] = dict(ambience=_a_ambience, siren=_a_siren, baby_cry=_a_baby_cry, moan=_a_moan,
-                                   shout_sob=_a_shout_sob, thuds_crowd=_a_thuds_crowd, bang_burst=_a_bang_burst,
-                                   glass_steps=_a_glass_steps, gunshots=_a_gunshots, riot=_a_riot)
+SOUND_EVENTS: dict[str, Callable] = dict(ambience=_a_ambience, siren=_a_siren, baby_cry=_a_baby_cry, moan=_a_moan,
+                                         shout_sob=_a_shout_sob, thuds_crowd=_a_thuds_crowd, bang_burst=_a_bang_burst,
+                                         glass_steps=_a_glass_steps, gunshots=_a_gunshots, riot=_a_riot)
 
 def _bed(n: int, sr: int, rng) -> np.ndarray:
     "Ambient bed common to every clip: pink noise, modulated traffic rumble, sometimes mains hum."
@@ -235,20 +235,21 @@ def _bed(n: int, sr: int, rng) -> np.ndarray:
     return x.astype(np.float32)
 
 # %% ../nbs/02b_sounds.ipynb #cell-21
-def _render_audio(n: int, sr: int, seed: int, sc: dict, events: list) -> np.ndarray:
+def render_audio(n: int, sr: int, seed: int, sc: dict, events: list) -> np.ndarray:
+    "`n` samples at `sr` of the scene of `seed` with `events` = [(sound signature, timeline), ...]."
     ts = np.arange(n, dtype=np.float64) / sr
     dur = n / sr
-    rb = _rng(seed, "bed")
+    rb = seed_rng(seed, "bed")
     a = _bed(n, sr, rb)
     if sc["car"] is not None:      # the distractor car's sound, centred on its passage
         a += rb.uniform(0.05, 0.15) * _noise(rb, n, sr, 0, 600) \
             * np.exp(-(((ts - sc["car"]["t_rel"] * dur) / 0.8) ** 2)).astype(np.float32)
     if sc["chatter"]:              # distant birds and voices in half of all scenes, whatever the class
-        tl = _timeline(rb, 0.0, dur, sc["hy"], fill=True)
+        tl = event_timeline(rb, 0.0, dur, sc["hy"], fill=True)
         a += _a_ambience(ts, tl, rb, sr) * np.float32(10 ** (rb.uniform(-16, -8) / 20))
     for k, (sig, tl) in enumerate(events):
         fade = np.clip((tl.t_end - ts) / 0.02, 0, 1).astype(np.float32)     # no click where an event is cut
-        a += _AUDIO[sig](ts, tl, _rng(seed, "audio", k), sr) * fade * np.float32(10 ** (tl.gain_db / 20))
+        a += SOUND_EVENTS[sig](ts, tl, seed_rng(seed, "audio", k), sr) * fade * np.float32(10 ** (tl.gain_db / 20))
     a *= np.float32(10 ** (sc["loudness_db"] / 20))
     peak = float(np.abs(a).max()) if n else 0.0
     if peak > 0.9: a *= np.float32(0.9 / peak)

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 import av
 from .core import ConfigError, DecodeError
-from .decode import (_AV_ERRORS, DecodeReport, _Budget, _audio_stream, _decode_frames, _open, _reason,
-                             _stream_end, _timeline)
+from .decode import (AV_ERRORS, DecodeReport, DecodeBudget, audio_stream, decode_stream, open_media, av_reason,
+                             stream_end, stream_timeline)
 
 # %% auto #0
-__all__ = ['MAX_RESAMPLE_KERNEL', 'StreamResampler', 'decode_audio']
+__all__ = ['MAX_RESAMPLE_KERNEL', 'to_float_mono', 'StreamResampler', 'decode_audio']
 
 # %% ../nbs/01b_soundtrack.ipynb #cell-6
 def _plain_audio(frame) -> bool:
@@ -27,7 +27,7 @@ def _plain_audio(frame) -> bool:
     need = frame.samples * frame.format.bytes * (1 if planar else ch)
     return all(p.buffer_size >= need for p in planes)
 
-def _to_float_mono(frame, resamplers: dict | None = None) -> np.ndarray:
+def to_float_mono(frame, resamplers: dict | None = None) -> np.ndarray:
     """Decoded audio frame (any sample format, planar or packed) -> float32 mono by channel averaging.
     Frames with more than 8 channels (or inconsistent planes) are first converted to packed float by FFmpeg."""
     if not _plain_audio(frame):
@@ -128,8 +128,8 @@ class _Placement:
             self.res, self.total = StreamResampler(self.orig, self.sr), int(round(self.dur * self.orig))
             self.tol = max(2, int(math.ceil(0.002 * self.orig)))
         orig, pos = self.orig, self.pos
-        try: x = _to_float_mono(frame, self.resamplers)
-        except _AV_ERRORS: rep.errors += 1; rep._pending = True; return False
+        try: x = to_float_mono(frame, self.resamplers)
+        except AV_ERRORS: rep.errors += 1; rep._pending = True; return False
         if frame.sample_rate != orig:
             import torchaudio.functional as AF
             x = AF.resample(torch.from_numpy(x), int(frame.sample_rate), orig).numpy()
@@ -158,16 +158,16 @@ def decode_audio(path, sr: int = 16000, duration_s: float | None = None, *, time
     """Mono float32 audio at `sr` on the video's timeline (sample 0 = time 0 of the clip), exactly
     `round(duration_s * sr)` samples (duration from the file when None); `(zeros, False)` without an audio stream."""
     if not (isinstance(sr, (int, np.integer)) and sr > 0): raise ConfigError(f"sr must be a positive int, got {sr!r}")
-    budget = _Budget(path, timeout_s)
+    budget = DecodeBudget(path, timeout_s)
     rep = report if report is not None else DecodeReport(str(path), "audio")
     rep._pending = False
-    c = _open(path, budget)
+    c = open_media(path, budget)
     try:
         vids = [s for s in c.streams.video if not (s.disposition & av.stream.Disposition.attached_pic)]
-        a_s = _audio_stream(c)
+        a_s = audio_stream(c)
         ref = vids[0] if vids else a_s
         if ref is None: raise DecodeError(path, "no audio or video stream")
-        origin, dur = _timeline(c, ref, path, budget)
+        origin, dur = stream_timeline(c, ref, path, budget)
         if duration_s is not None:
             if not (math.isfinite(duration_s) and duration_s >= 0):
                 raise ConfigError(f"duration_s must be >= 0, got {duration_s!r}")
@@ -178,9 +178,9 @@ def decode_audio(path, sr: int = 16000, duration_s: float | None = None, *, time
             rep.lost_s = dur; rep._warn(f"no decoder for the audio codec: treated as no audio track ({dur:.2f} s lost)")
             return np.zeros(n_out, np.float32), False
         a_s.thread_type = "AUTO"
-        declared_end = _stream_end(c, a_s)
+        declared_end = stream_end(c, a_s)
         track = _Placement(sr, dur, origin, rep)
-        for frame in _decode_frames(c, a_s, rep, budget):
+        for frame in decode_stream(c, a_s, rep, budget):
             if frame.samples == 0 or not frame.sample_rate: continue
             if track.add(frame): break
         if track.orig is None:                                          # an audio stream with nothing decodable
@@ -201,6 +201,6 @@ def decode_audio(path, sr: int = 16000, duration_s: float | None = None, *, time
         return np.ascontiguousarray(y, dtype=np.float32), True
     except DecodeError: raise
     except MemoryError as e: raise DecodeError(path, "out of memory while decoding audio") from e
-    except _AV_ERRORS as e: raise DecodeError(path, f"audio decoding failed ({_reason(e)})") from e
+    except AV_ERRORS as e: raise DecodeError(path, f"audio decoding failed ({av_reason(e)})") from e
     finally:
         c.close()

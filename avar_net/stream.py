@@ -209,8 +209,8 @@ def _put(self: Watcher, item) -> bool:
 @patch
 def _read(self: Watcher) -> None:
     "Reader thread: connect, decode, pace, and on a drop reconnect with exponential backoff; each outage becomes a gap."
-    from avar_net.decode import _AV_ERRORS, _reason, _tag_rotation, _to_tensor, _timeline
-    from avar_net.decode import _Budget
+    from avar_net.decode import AV_ERRORS, av_reason, tag_rotation, frame_tensor, stream_timeline
+    from avar_net.decode import DecodeBudget
     offset, connected, down_since, tries, reason, last_t = 0.0, False, None, 0, "", 0.0
     try:
         while not self.stop.is_set():
@@ -226,9 +226,10 @@ def _read(self: Watcher) -> None:
                     self.sampler.restart(offset)
                     self._put(("gap", offset, reason, tries, time.monotonic() - down_since))
                 conn = SourceConnection(c, self.sampler, self.sr, offset, self.stats, self.stop, self.source)
-                rot = _tag_rotation(conn.vs)
-                self.sampler.convert = lambda fr: _to_tensor(fr, self._size, rot, self.source)
-                end = _timeline(c, conn.vs, self.source, _Budget(self.source, None))[1] if self.kind == "file" else None
+                rot = tag_rotation(conn.vs)
+                self.sampler.convert = lambda fr: frame_tensor(fr, self._size, rot, self.source)
+                end = (stream_timeline(c, conn.vs, self.source, DecodeBudget(self.source, None))[1]
+                       if self.kind == "file" else None)
                 self._put(("open", {"has_audio": conn.has_audio, "t": offset, "video_codec": conn.vs.codec_context.name,
                                     "audio_codec": conn.a_s.codec_context.name if conn.has_audio else None}))
                 connected, tries, wall0 = True, 0, time.monotonic() - offset
@@ -243,13 +244,13 @@ def _read(self: Watcher) -> None:
                     for tk, x in self.sampler.flush(end if end is not None else last_t + 1 / self.fps):
                         self._put(("video", tk, x, now))
             except DecodeError as e: err = e
-            except _AV_ERRORS as e: err = DecodeError(self.source, f"stream error ({_reason(e)})")
+            except AV_ERRORS as e: err = DecodeError(self.source, f"stream error ({av_reason(e)})")
             finally: c.close()
             if self.stop.is_set(): return
             if err is not None and not connected: self._put(("fatal", err)); return      # e.g. no video stream
             if self.kind == "file":
                 self._put(("end", "end of file" if err is None else str(err))); return
-            reason = "the stream ended" if err is None else _reason(err)
+            reason = "the stream ended" if err is None else av_reason(err)
             # PyAV's timeout
             if "Immediate exit requested" in reason: reason = f"stalled: no data for {self.stall_timeout_s:g} s"
             down_since = time.monotonic(); self._put(("drop", reason))

@@ -33,7 +33,7 @@ def source_kind(source, fmt: str | None = None) -> str:
 def open_source(source, fmt: str | None = None, timeout_s: float = 10.0, options: dict | None = None):
     "Open `source` with PyAV (reads give up after `timeout_s` without data); every failure is a one-line `DecodeError`."
     import av
-    from avar_net.decode import _AV_ERRORS, _reason
+    from avar_net.decode import AV_ERRORS, av_reason
     kind = source_kind(source, fmt)
     name = str(source)
     if kind == "file":
@@ -44,8 +44,8 @@ def open_source(source, fmt: str | None = None, timeout_s: float = 10.0, options
     try:
         return av.open(name, "r", format=fmt, options=dict(options or {}), timeout=(timeout_s, timeout_s),
                        metadata_errors="replace")
-    except _AV_ERRORS as e:
-        raise DecodeError(name, f"cannot open ({_reason(e)})") from e
+    except AV_ERRORS as e:
+        raise DecodeError(name, f"cannot open ({av_reason(e)})") from e
 
 # %% ../nbs/31a_streamfeatures.ipynb #cell-10
 class FrameSampler:
@@ -83,11 +83,11 @@ class SourceConnection:
     frames and ('audio', t, samples at sr, arrival) on one clock (t = 0 at the first video frame, plus `offset`)."""
     def __init__(self, container, sampler: FrameSampler, sr: int, offset: float, stats: dict, stop: threading.Event,
                  name: str):
-        from avar_net.decode import _video_stream, _audio_stream
+        from avar_net.decode import video_stream, audio_stream
         self.c, self.sampler, self.sr = container, sampler, int(sr)
         self.offset, self.stats, self.stop = float(offset), stats, stop
-        self.vs = _video_stream(container, name)
-        self.a_s = _audio_stream(container)
+        self.vs = video_stream(container, name)
+        self.a_s = audio_stream(container)
         if self.a_s is not None and self.a_s.codec_context is None: self.a_s = None
         self.vs.thread_type = "AUTO"
         self.origin, self.last_t, self.pending_audio = None, None, []
@@ -99,10 +99,10 @@ class SourceConnection:
     def _audio(self, frame, arrival) -> list:
         """Mono samples at `sr` of one decoded audio frame, placed on the clock; a jump in the audio timeline restarts
         the resampler."""
-        from avar_net.soundtrack import _to_float_mono, StreamResampler
+        from avar_net.soundtrack import to_float_mono, StreamResampler
         if frame.samples == 0 or not frame.sample_rate or frame.time is None: return []
         t, rate = float(frame.time) - self.origin, int(frame.sample_rate)
-        x = _to_float_mono(frame, self.resamplers)
+        x = to_float_mono(frame, self.resamplers)
         if t < 0:                                                    # audio before the first video frame is dropped
             cut = min(len(x), int(round(-t * rate))); x, t = x[cut:], t + cut / rate
         if len(x) == 0: return []
@@ -119,13 +119,13 @@ class SourceConnection:
 @patch
 def items(self: SourceConnection):
     "Sampled video frames and audio blocks of the source, on one clock, in arrival order."
-    from avar_net.decode import _AV_ERRORS
+    from avar_net.decode import AV_ERRORS
     streams = [self.vs] + ([self.a_s] if self.a_s is not None else [])
     for packet in self.c.demux(streams):
         if self.stop.is_set(): return
         arrival = time.monotonic()
         try: frames = packet.decode()
-        except _AV_ERRORS:                                       # a corrupt packet costs that packet
+        except AV_ERRORS:                                       # a corrupt packet costs that packet
             self.stats["corrupt_packets"] += 1; continue
         for fr in frames:
             if packet.stream is self.vs:

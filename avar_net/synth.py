@@ -11,19 +11,14 @@ from typing import Callable
 import numpy as np
 from .core import (VAAR_CLASSES, ConfigError, DataError, atomic_write_json, atomic_write_text, sha256_file,
                            sha256_bytes)
-from .scenes import _STREAMS, _make_scene, _render_frames, _rng, _timeline
-from .sounds import _render_audio
+from .scenes import _STREAMS, make_scene, render_frames, seed_rng, event_timeline
+from .sounds import render_audio
 from .synthclip import (CLASS_SIGNATURES, SYNTH_PROFILES, SYNTH_VERSION, XD_SIGNATURES, Degradation,
-                                _check_seed, _finish_frames, _label_index, _render_vaar, ambiguous_pairs)
-# also importable from here, as the one public face of the synthetic data: render_clip, and the renderers that
-# avar_net.pretrain draws its pretraining corpus from
-from .synthclip import render_clip, _finish_audio  # noqa: F401
-from .scenes import _VISUAL  # noqa: F401
-from .sounds import _AUDIO  # noqa: F401
+                                _check_seed, finish_frames, _label_index, _render_vaar, ambiguous_pairs)
 
 # %% auto #0
-__all__ = ['X264_OPTIONS', 'AAC_BITRATE', 'XD_VIOLENT_CODES', 'write_mp4', 'generate_synthavar', 'xd_name', 'generate_synthxd',
-           'synth_root', 'synth_cli', 'probe_features']
+__all__ = ['X264_OPTIONS', 'AAC_BITRATE', 'XD_VIOLENT_CODES', 'write_mp4', 'clip_seed', 'generate_synthavar', 'xd_name',
+           'generate_synthxd', 'synth_root', 'synth_cli', 'probe_features']
 
 # %% ../nbs/02_synth.ipynb #cell-6
 X264_OPTIONS = {"preset": "veryfast", "crf": "20", "x264-params": "threads=1:lookahead-threads=1:mbtree=0"}
@@ -191,7 +186,7 @@ def _split_counts(n: int, props) -> tuple[int, int, int]:
     n_val, n_test = max(1, round(n * props[1])), max(1, round(n * props[2]))
     return n - n_val - n_test, n_val, n_test
 
-def _clip_seed(seed: int, label: int, index: int) -> int:
+def clip_seed(seed: int, label: int, index: int) -> int:
     "Per-clip seed of clip `index` of class `label` in a dataset generated with `seed`."
     return int(np.random.SeedSequence([int(seed), _STREAMS["clip"], int(label), int(index)]).generate_state(1)[0])
 
@@ -222,11 +217,11 @@ def _avar_jobs(root: Path, p: dict, seed: int, deg: Degradation, cls_idx: list, 
     jobs = []
     for c in cls_idx:
         name = VAAR_CLASSES[c]
-        order = _rng(seed, "splits", c).permutation(int(p["clips_per_class"]))
+        order = seed_rng(seed, "splits", c).permutation(int(p["clips_per_class"]))
         split_of = {int(i): s for i, s in zip(order, ["train"] * n_tr + ["val"] * n_va + ["test"] * n_te)}
         for i in range(int(p["clips_per_class"])):
-            cs = _clip_seed(seed, c, i)
-            dur = float(_rng(cs, "clip").uniform(lo, hi))
+            cs = clip_seed(seed, c, i)
+            dur = float(seed_rng(cs, "clip").uniform(lo, hi))
             cid = f"{_slug(name)}_{i:04d}"
             jobs.append(dict(root=str(root), clip=f"{name}/{cid}.mp4", clip_id=cid, label_index=c, seed=cs,
                              size=int(p["size"]), duration_s=dur, fps=p["fps"], sr=int(p["sr"]), degrade=deg.to_dict(),
@@ -313,18 +308,18 @@ def _xd_plan(rng, n_frames: int, violent: bool, p: dict) -> tuple[list, list]:
 
 # %% ../nbs/02_synth.ipynb #cell-37
 def _render_xd(seed: int, n_frames: int, size: int, fps: int, sr: int, segs: list, calm: list):
-    sc = _make_scene(_rng(seed, "scene"), walkers=(1, 3))
-    rt = _rng(seed, "timing")
+    sc = make_scene(seed_rng(seed, "scene"), walkers=(1, 3))
+    rt = seed_rng(seed, "timing")
     vis, aud = [], []
     for a, b in calm:
-        tl = _timeline(rt, a / fps, b / fps, sc["hy"])
+        tl = event_timeline(rt, a / fps, b / fps, sc["hy"])
         vis.append(("street", tl)); aud.append(("ambience", tl))
     for s, e, code in segs:
-        tl = _timeline(rt, s / fps, e / fps, sc["hy"], fill=True, t_end=e / fps)
+        tl = event_timeline(rt, s / fps, e / fps, sc["hy"], fill=True, t_end=e / fps)
         vis.append((XD_SIGNATURES[code][0], tl)); aud.append((XD_SIGNATURES[code][1], tl))
     t = np.arange(n_frames, dtype=np.float64) / fps
-    frames = _finish_frames(_render_frames(size, t, fps, seed, sc, vis), seed, sc, Degradation())
-    audio = _render_audio(int(round(n_frames / fps * sr)), sr, seed, sc, aud)
+    frames = finish_frames(render_frames(size, t, fps, seed, sc, vis), seed, sc, Degradation())
+    audio = render_audio(int(round(n_frames / fps * sr)), sr, seed, sc, aud)
     return frames, audio
 
 def _xd_job(job: dict) -> dict:
@@ -338,13 +333,13 @@ def _xd_job(job: dict) -> dict:
     return out
 
 def _xd_jobs(root: Path, p: dict, seed: int, resume: bool) -> list:
-    rng = _rng(seed, "xd")
+    rng = seed_rng(seed, "xd")
     plan = [("test", True)] * p["test"][0] + [("test", False)] * p["test"][1] + \
            [("train", v) for v in rng.permutation([True] * p["train"][0] + [False] * p["train"][1])]
     jobs = []
     for i, (split, violent) in enumerate(plan):
         vs = int(np.random.SeedSequence([seed, _STREAMS["xd"], i]).generate_state(1)[0])
-        r = _rng(vs, "clip")
+        r = seed_rng(vs, "clip")
         n = int(r.integers(p["n_frames"][0], p["n_frames"][1] + 1))
         segs, calm = _xd_plan(r, n, bool(violent), p)
         frames_of = {}

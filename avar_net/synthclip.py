@@ -7,12 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass, asdict
 import numpy as np
 from .core import VAAR_CLASSES, ConfigError
-from .scenes import _Grid, _box, _make_scene, _paint, _render_frames, _rng, _timeline
-from .sounds import _render_audio
+from .scenes import _Grid, _box, make_scene, _paint, render_frames, seed_rng, event_timeline
+from .sounds import render_audio
 
 # %% auto #0
 __all__ = ['SYNTH_VERSION', 'CLASS_SIGNATURES', 'XD_SIGNATURES', 'SYNTH_PROFILES', 'ambiguous_pairs', 'Degradation',
-           'render_clip']
+           'finish_frames', 'finish_audio', 'render_clip']
 
 # %% ../nbs/02c_synthclip.ipynb #cell-6
 SYNTH_VERSION = "1.0"
@@ -116,10 +116,10 @@ def _label_index(label) -> int:
     return int(label)
 
 # %% ../nbs/02c_synthclip.ipynb #cell-17
-def _finish_frames(F: np.ndarray, seed: int, sc: dict, deg: Degradation) -> np.ndarray:
+def finish_frames(F: np.ndarray, seed: int, sc: dict, deg: Degradation) -> np.ndarray:
     "Degradations (occluder, darkening) + sensor noise + pixel noise -> uint8."
     N, H, W, _ = F.shape
-    rd = _rng(seed, "degrade_video")
+    rd = seed_rng(seed, "degrade_video")
     occ_aspect, occ_pos = rd.uniform(0.6, 1.6), rd.uniform(0.25, 0.75, 2)   # drawn always: knobs don't shift each other
     if deg.occlusion > 0:
         g = _Grid(H)
@@ -129,17 +129,18 @@ def _finish_frames(F: np.ndarray, seed: int, sc: dict, deg: Degradation) -> np.n
     if deg.low_light > 0:
         np.clip(F, 0, 1, out=F)
         F[:] = (1 - 0.9 * deg.low_light) * F ** np.float32(1 + deg.low_light)
-    F += _rng(seed, "sensor").standard_normal(F.shape[:3] + (1,), dtype=np.float32) \
+    F += seed_rng(seed, "sensor").standard_normal(F.shape[:3] + (1,), dtype=np.float32) \
         * np.float32(sc["sensor_noise"])                                                        # luma noise
     if deg.visual_noise > 0:
         F += rd.standard_normal(F.shape, dtype=np.float32) * np.float32(deg.visual_noise)
     return (np.clip(F, 0, 1) * 255 + 0.5).astype(np.uint8)
 
-def _finish_audio(a: np.ndarray, seed: int, deg: Degradation) -> np.ndarray | None:
+def finish_audio(a: np.ndarray, seed: int, deg: Degradation) -> np.ndarray | None:
+    "None for a dropped track; else noise at `deg.audio_snr_db` and a 0.9 peak limit -> float32."
     if deg.drop_audio: return None
     if deg.audio_snr_db is not None:
         p = float(np.mean(a.astype(np.float64) ** 2))
-        a = a + _rng(seed, "degrade_audio").standard_normal(len(a)).astype(np.float32) \
+        a = a + seed_rng(seed, "degrade_audio").standard_normal(len(a)).astype(np.float32) \
             * np.float32(np.sqrt(p / 10 ** (deg.audio_snr_db / 10)))
         peak = float(np.abs(a).max())
         if peak > 0.9: a = a * np.float32(0.9 / peak)
@@ -156,11 +157,11 @@ def _render_vaar(label, seed, size=64, duration_s=2.5, fps=10, sr=16000, degrade
     n = max(1, int(round(duration_s * fps)))
     dur = n / fps
     vsig, asig = CLASS_SIGNATURES[VAAR_CLASSES[label]]
-    sc = _make_scene(_rng(seed, "scene"))
-    tl = _timeline(_rng(seed, "timing"), 0.0, dur, sc["hy"])
+    sc = make_scene(seed_rng(seed, "scene"))
+    tl = event_timeline(seed_rng(seed, "timing"), 0.0, dur, sc["hy"])
     t = np.arange(n, dtype=np.float64) / fps
-    frames = _finish_frames(_render_frames(int(size), t, fps, seed, sc, [(vsig, tl)]), seed, sc, deg)
-    audio = _finish_audio(_render_audio(int(round(dur * sr)), sr, seed, sc, [(asig, tl)]), seed, deg)
+    frames = finish_frames(render_frames(int(size), t, fps, seed, sc, [(vsig, tl)]), seed, sc, deg)
+    audio = finish_audio(render_audio(int(round(dur * sr)), sr, seed, sc, [(asig, tl)]), seed, deg)
     info = dict(label=VAAR_CLASSES[label], label_index=label, seed=seed, n_frames=n, duration_s=round(dur, 6),
                 fps=fps, size=int(size), sr=sr, visual=vsig, audio=asig, has_audio=audio is not None,
                 timeline=tl.to_dict(),

@@ -143,27 +143,23 @@ def _sig(p: Path) -> list:
 
 def _import_crop(it, v: XDVideo, k: int, rpath: Path, apath: Path, audio: np.ndarray, out_dir: Path, key: str,
                  rgb_dim: int, sig: dict) -> dict:
-    from avar_net.features import clip_file, status_file, write_feature_file, _status_record
+    from avar_net.features import save_clip_features
     rgb = load_official_npy(rpath, rgb_dim, "I3D RGB")
     r, a = align_official(rgb, audio, rpath, apath)
     T = len(r)
-    meta = {"clip_id": it.clip_id, "source": it.source, "label": it.label, "label_name": it.label_name,
-            "split": it.split, "has_audio": True, "duration_s": T * 16 / 24, "step_s": 16 / 24, "cfg_key": key,
+    meta = {"has_audio": True, "duration_s": T * 16 / 24, "step_s": 16 / 24, "cfg_key": key,
             "n_frames": 16 * T + 1, "video": v.name, "crop": k}
-    sha = write_feature_file(clip_file(out_dir, it.clip_id), a, r, np.arange(T) * 16 / 24, meta)
-    rec = _status_record(it, key, None, status="ok", sha256=sha, file=f"clips/{it.clip_id}.safetensors", T=T,
-                         has_audio=True, duration_s=T * 16 / 24, n_frames=16 * T + 1, n_frames_source="snippets",
-                         video=v.name, crop=k, inputs=sig, dropped_last_rgb_row=bool(len(rgb) != T))
-    atomic_write_json(status_file(out_dir, it.clip_id), rec)
-    return rec
+    return save_clip_features(out_dir, it, key, None, (a, r, np.arange(T) * 16 / 24), meta, T=T, has_audio=True,
+                              duration_s=T * 16 / 24, n_frames=16 * T + 1, n_frames_source="snippets", video=v.name,
+                              crop=k, inputs=sig, dropped_last_rgb_row=bool(len(rgb) != T))
 
 # %% ../nbs/18_xdfeatures.ipynb #b5fd03ea
 def import_xd(list_dir, feature_root, out_dir, rgb_dim: int = RGB_DIM, audio_dim: int = AUDIO_DIM,
               verify_existing: bool = True, report: bool = True) -> dict:
     "Import the official release (lists in `list_dir`, `.npy` under `feature_root`) into the feature cache `out_dir`."
     from avar_net.data import assign_clip_ids
-    from avar_net.features import (ClipItem, status_file, read_status, is_done, write_manifest, _status_record,
-                                   _error_reason, _cleanup_tmp)
+    from avar_net.features import (ClipItem, status_file, read_status, is_done, write_manifest, status_record,
+                                   error_reason, cleanup_tmp)
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     videos = read_release_lists(list_dir)
@@ -180,7 +176,7 @@ def import_xd(list_dir, feature_root, out_dir, rgb_dim: int = RGB_DIM, audio_dim
         by_video.append(row)
     for sub in ("clips", "status", "configs"): (out_dir / sub).mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "configs" / f"{key}.json", info)
-    _cleanup_tmp(out_dir, [it.clip_id for it in items])
+    cleanup_tmp(out_dir, [it.clip_id for it in items])
     computed, skipped, failures = [], [], []
     for v, row in zip(videos, by_video):
         audio, audio_err, apath = None, None, None
@@ -202,10 +198,10 @@ def import_xd(list_dir, feature_root, out_dir, rgb_dim: int = RGB_DIM, audio_dim
                 crop = int(_RGB.match(c)["crop"])
                 _import_crop(it, v, crop, rpath, apath, audio, out_dir, key, rgb_dim, sig); computed.append(it.clip_id)
             except Exception as e:
-                reason = _error_reason(e)
+                reason = error_reason(e)
                 atomic_write_json(status_file(out_dir, it.clip_id),
-                                  _status_record(it, key, None, status="failed", reason=reason,
-                                                                                   video=v.name))
+                                  status_record(it, key, None, status="failed", reason=reason,
+                                                video=v.name))
                 failures.append({"clip_id": it.clip_id, "source": it.source, "reason": reason})
     manifest = write_manifest(out_dir, info, items)
     if report and failures:

@@ -22,7 +22,8 @@ if not (run / "MODEL_CARD.md").exists():
           progress=False)
 clip = T / "explosion_10s.mp4"
 if not clip.exists():
-    from avar_net.synth import render_clip, write_mp4
+    from avar_net.synth import write_mp4
+    from avar_net.synthclip import render_clip
     f, a, fps, sr = render_clip("Explosion", seed=1, size=64, duration_s=10.0, fps=10); write_mp4(clip, f, fps, a, sr)
 from playwright.sync_api import sync_playwright
 out = []

@@ -21,7 +21,8 @@ def _free_port() -> int:
 
 
 def _clip(path, label, seconds):
-    from avar_net.synth import render_clip, write_mp4
+    from avar_net.synth import write_mp4
+    from avar_net.synthclip import render_clip
     frames, audio, fps, sr = render_clip(label, seed=3, size=64, duration_s=seconds, fps=10)
     return write_mp4(path, frames, fps, audio, sr)
 

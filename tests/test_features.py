@@ -188,7 +188,8 @@ def test_features_with_nan_fail_the_clip_not_the_run(synth_root, ex, tmp_path, m
 def mixed_root(synth_root, tmp_path_factory):
     """The synth set plus a zero-byte file, a text file named .mp4, a truncated mp4, a truncated (decodable) mkv and a
     listed file that is not there."""
-    from avar_net.synth import render_clip, write_mp4
+    from avar_net.synth import write_mp4
+    from avar_net.synthclip import render_clip
     root = tmp_path_factory.mktemp("mixed") / "avar"
     shutil.copytree(synth_root, root)
     rows = _splits(root)

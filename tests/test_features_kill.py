@@ -70,10 +70,10 @@ def _resume_and_check(synth_root, reference, out, done_before: set[str]):
 def test_sigkill_mid_run_then_resume(synth_root, reference, tmp_path):
     "Kill -9 a real extraction after it has finished a few clips (polling the status folder)."
     out = tmp_path / "f"
-    slow = ("_w = X.write_feature_file\n"
+    slow = ("_w = F.write_feature_file\n"
             "        def _slow(*a, **k):\n"
             "            time.sleep(0.25); return _w(*a, **k)\n"
-            "        X.write_feature_file = _slow")
+            "        F.write_feature_file = _slow")
     p = subprocess.Popen([sys.executable, "-c", _script(synth_root, out, slow)], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)
     try:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from avar_net.core import VAAR_CLASSES, ConfigError
-from avar_net.synth import (CLASS_SIGNATURES, SYNTH_PROFILES, XD_VIOLENT_CODES, Degradation, ambiguous_pairs,
-                            generate_synthavar, generate_synthxd, render_clip, synth_cli, synth_root, write_mp4,
+from avar_net.synth import (XD_VIOLENT_CODES, generate_synthavar, generate_synthxd, synth_cli, synth_root, write_mp4,
                             xd_name)
+from avar_net.synthclip import CLASS_SIGNATURES, SYNTH_PROFILES, Degradation, ambiguous_pairs, render_clip
 
 # the XD-Violence name grammar, written out independently of the library
 XD_RE = re.compile(r"^(?P<src>[^_].*?)__#\d\d-\d\d-\d\d_\d\d-\d\d-\d\d"

@@ -310,7 +310,7 @@ def feature_cache(data_root, params: Mapping, xd: bool = False) -> Path:
     return feature_caches([data_root], params, xd)[0]
 
 # %% ../nbs/15_experiments.ipynb #cell-18
-_CODE_MODULES = ("fusion", "mtcn", "model", "train", "metrics", "features")
+_CODE_MODULES = ("fusion", "mtcn", "fast_mtcn", "model", "train", "runtime", "evaluation", "metrics", "features")
 
 def code_fingerprint() -> str:
     "Hash of the source of the modules that train and score a model (a reused run must come from the same code)."

@@ -334,7 +334,7 @@ def execute_notebooks(only: str | None = None, root=None, log=print) -> dict:
     """Execute the module notebooks as `nbdev_test` does (`IN_TEST=1`, working directory `nbs/`) and keep their
     executed copies in `figures/notebooks/`, listed in the manifest. A failing notebook is reported, the others run."""
     import nbformat, papermill as pm
-    from avar_net.reproduce import keep_executed, source_commit, KEPT_DIR, patched_env
+    from avar_net.reproduce import keep_executed, source_commit, KEPT_DIR, patched_env, ipc_kernel_manager
     from avar_net.core import atomic_write_json
     root = Path(root or project_root()); names = module_notebooks(root / "nbs")
     if only: names = [n for n in names if only in (n, *n.split("_", 1))] or _no_match(only, names)
@@ -349,7 +349,7 @@ def execute_notebooks(only: str | None = None, root=None, log=print) -> dict:
         try:
             with patched_env(IN_TEST=1, AVAR_IN_TEST=1, MPLBACKEND="module://matplotlib_inline.backend_inline"):
                 pm.execute_notebook(str(src), str(out), cwd=str(root / "nbs"), kernel_name="python3",
-                                    progress_bar=False, log_output=False)
+                                    progress_bar=False, log_output=False, kernel_manager_class=ipc_kernel_manager())
         except pm.PapermillExecutionError as ex:
             evalue = " ".join(str(ex.evalue).split())         # one line, however the exception was worded
             failed.append(f"{name} failed in cell {ex.exec_count} ({ex.ename}: {evalue})"); log(f"[docs] {failed[-1]}")

@@ -13,8 +13,8 @@ from .core import (AvarError, ConfigError, project_root, project_path, sha256_fi
 
 # %% auto #0
 __all__ = ['NOTEBOOKS', 'PROFILES', 'REPORTED', 'KEPT_DIR', 'profile_params', 'measured_source', 'source_commit', 'patched_env',
-           'run_notebook', 'keep_executed', 'figures_manifest', 'check_manifest', 'render_readme', 'readme_block',
-           'readme_blocks', 'sync_readme', 'reproduce']
+           'ipc_kernel_manager', 'run_notebook', 'keep_executed', 'figures_manifest', 'check_manifest', 'render_readme',
+           'readme_block', 'readme_blocks', 'sync_readme', 'reproduce']
 
 # %% ../nbs/14_reproduce.ipynb #cell-6
 NOTEBOOKS = ["01_data", "02_synth", "16_pretrain", "20_fusion_ablation", "21_vaar", "22_xd", "23_robustness",
@@ -96,7 +96,7 @@ def patched_env(**kv):
             if v is None: os.environ.pop(k, None)
             else: os.environ[k] = v
 
-def _ipc_kernel_manager():
+def ipc_kernel_manager():
     "A jupyter kernel manager whose kernels talk over local IPC sockets instead of TCP ports on the loopback."
     from jupyter_client.manager import AsyncKernelManager
     from traitlets import default
@@ -120,7 +120,7 @@ def run_notebook(name: str, params: dict, out_dir: Path, nbs_dir: Path | None = 
     try:
         pm.execute_notebook(str(src), str(out), parameters={k: v for k, v in params.items() if k in declared},
                             cwd=str(nbs_dir), kernel_name="python3", progress_bar=False, log_output=False,
-                            kernel_manager_class=_ipc_kernel_manager())
+                            kernel_manager_class=ipc_kernel_manager())
     except pm.PapermillExecutionError as ex:
         raise AvarError(f"notebook {name} failed in cell {ex.exec_count} ({ex.ename}: {ex.evalue}); executed copy: "
                         f"{out}") from None

@@ -25,16 +25,7 @@ def cosine(a, b):
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
-def frames(n=4, size=64, seed=0):
-    "Smooth-ish RGB frames (a colour gradient + a moving square) as uint8 (n, 3, size, size)."
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    base = torch.stack([xx, yy, 1 - xx]) * 200
-    out = base.expand(n, 3, size, size).clone() + torch.rand(n, 3, size, size, generator=g) * 20
-    for i in range(n):
-        o = (i * size // (2 * n)) + size // 8
-        out[i, :, o:o + size // 4, o:o + size // 4] = torch.tensor([250.0, 30, 30]).view(3, 1, 1)
-    return out.clamp(0, 255).to(torch.uint8)
+from test_video import frames   # the same smooth test frames as the reference tests
 
 
 # ---------------------------------------------------------------- Wav2Vec2: precision, bf16, int8

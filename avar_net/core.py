@@ -10,8 +10,8 @@ from typing import Iterator
 import numpy as np
 
 # %% auto #0
-__all__ = ['VAAR_CLASSES', 'STYLE', 'AvarError', 'ConfigError', 'WeightsError', 'DataError', 'DecodeError', 'in_test',
-           'project_root', 'project_path', 'atomic_write', 'atomic_write_bytes', 'atomic_write_text',
+__all__ = ['VAAR_CLASSES', 'PRECISIONS', 'STYLE', 'AvarError', 'ConfigError', 'WeightsError', 'DataError', 'DecodeError',
+           'in_test', 'project_root', 'project_path', 'atomic_write', 'atomic_write_bytes', 'atomic_write_text',
            'atomic_write_json', 'json_default', 'sha256_file', 'sha256_bytes', 'json_safe', 'seed_everything',
            'auto_device', 'hf_offline', 'git_commit', 'cpu_flags', 'parse_shard', 'torchrun_env', 'set_style',
            'save_figure', 'save_table']
@@ -164,6 +164,8 @@ def cpu_flags() -> set[str]:
     for line in text.splitlines():
         if line.startswith("flags"): return set(line.split(":", 1)[1].split())
     return set()
+
+PRECISIONS = ("auto", "fp32", "bf16", "int8")   # what `precision` may say (avar_net.fast_backbones carries them out)
 
 def parse_shard(shard) -> tuple[int, int]:
     "`(i, n)` from a tuple or an 'i/n' string, with 0 <= i < n."

@@ -7,21 +7,20 @@ from __future__ import annotations
 import math, copy, warnings, contextlib
 from typing import Any, Callable, NamedTuple
 import numpy as np
-from .core import ConfigError, DataError, auto_device, cpu_flags
+from .core import ConfigError, DataError, auto_device, cpu_flags, PRECISIONS
 import torch
 from torch import nn
 import torch.nn.functional as F
 from timm.models.mobilevit import MobileVitBlock
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'INT8_MIN_COSINE', 'INT8_WEIGHT_MAX', 'INT8_SCHEME', 'INT8_POSTS', 'INT8_RANGE_MARGIN',
-           'MOBILEVIT_INT8_SCHEME', 'cpu_supports_bf16', 'int8_supported', 'resolve_precision', 'Float32Island',
-           'bake_weight_norm', 'cast_matmul_weights', 'Int8Linear', 'calibrate_int8', 'linears_to_int8',
-           'feature_agreement', 'int8_probe_wave', 'int8_check', 'FFTConv1d', 'FirstConvGemm', 'Int8WindowConv',
-           'Wav2Vec2Int8Encoder', 'quantize_wav2vec2', 'FastBackbone', 'wav2vec2_int8', 'accelerate_wav2vec2',
-           'FastWav2Vec2', 'install_wav2vec2', 'fold_batchnorm', 'MobileVitBlockNHWC', 'use_nhwc_unfold',
-           'mobilevit_probe_frames', 'quantize_mobilevit', 'mobilevit_int8', 'accelerate_mobilevit', 'FastMobileViT',
-           'install_mobilevit']
+__all__ = ['INT8_MIN_COSINE', 'INT8_WEIGHT_MAX', 'INT8_SCHEME', 'INT8_POSTS', 'INT8_RANGE_MARGIN', 'MOBILEVIT_INT8_SCHEME',
+           'cpu_supports_bf16', 'int8_supported', 'resolve_precision', 'Float32Island', 'bake_weight_norm',
+           'cast_matmul_weights', 'Int8Linear', 'calibrate_int8', 'linears_to_int8', 'feature_agreement',
+           'int8_probe_wave', 'int8_check', 'FFTConv1d', 'FirstConvGemm', 'Int8WindowConv', 'Wav2Vec2Int8Encoder',
+           'quantize_wav2vec2', 'FastBackbone', 'wav2vec2_int8', 'accelerate_wav2vec2', 'FastWav2Vec2',
+           'install_wav2vec2', 'fold_batchnorm', 'MobileVitBlockNHWC', 'use_nhwc_unfold', 'mobilevit_probe_frames',
+           'quantize_mobilevit', 'mobilevit_int8', 'accelerate_mobilevit', 'FastMobileViT', 'install_mobilevit']
 
 # %% ../nbs/10a_fast_backbones.ipynb #cell-6
 def cpu_supports_bf16() -> bool:
@@ -36,7 +35,6 @@ def int8_supported() -> bool:
     return (("AVX2" in cap or "AVX512" in cap) and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.onednn, "qlinear_pointwise") and hasattr(torch.ops.onednn, "qlinear_prepack"))
 
-PRECISIONS = ("auto", "fp32", "bf16", "int8")
 _NO_INT8 = "needs an x86 CPU with AVX2 and PyTorch built with oneDNN"
 
 def resolve_precision(precision: str = "auto", device="cpu", int8: bool = False) -> str:

@@ -14,7 +14,7 @@ from fastcore.basics import patch
 from safetensors.torch import save as _st_save, load as _st_load
 from . import __version__
 from .core import (AvarError, ConfigError, DataError, DecodeError, atomic_write_bytes, atomic_write_json,
-                           json_default, sha256_bytes, sha256_file, auto_device, parse_shard)
+                           json_default, sha256_bytes, sha256_file, auto_device, parse_shard, PRECISIONS)
 from .data import read_vaar, read_xd, assign_clip_ids
 
 # %% auto #0
@@ -65,7 +65,6 @@ class FeatureConfig:
         if self.size is not None and (int(self.size) != self.size or self.size < 8):
             raise ConfigError(f"size must be None or an integer >= 8, got {self.size!r}")
         if self.sr <= 0: raise ConfigError(f"sr must be > 0, got {self.sr!r}")
-        from avar_net.fast_backbones import PRECISIONS
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.pipeline not in ("auto", "thread", "loader"):
